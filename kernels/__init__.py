@@ -1,0 +1,136 @@
+"""Executors: run attention under a :class:`~vidsparse.plan.BlockPlan`.
+
+One entry point, :func:`block_sparse_attention`, takes q/k/v in diffusers' ``(B, S, H, D)`` layout and original token
+order, and dispatches to an executor:
+
+- ``reference``: dense SDPA with the plan's boolean mask: the specification, O(S²), for tests.
+- ``flex``: compiled FlexAttention over the plan's BlockMask: the fast path on CPU, portable to GPU.
+- ``triton``: the block-sparse flash-attention kernel of :mod:`vidsparse.kernels.block_sparse_attn`: the fast path
+  on CUDA.
+- ``auto``: triton on CUDA, flex elsewhere; reference as a last resort, with one warning, never silently.
+
+Executors other than ``reference`` work in *plan order*: the permutation is applied here, once, for all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from vidsparse.config import SUPPORTED_BACKENDS, check_choice
+from vidsparse.plan import BlockPlan
+
+from .flex import flex_block_sparse_attention
+from .reference import reference_attention
+
+__all__ = ["block_sparse_attention", "resolve_backend", "triton_available"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton and its block-sparse kernel import (the kernel itself needs CUDA unless interpreted)."""
+    try:
+        from . import block_sparse_attn  # noqa: F401
+    except Exception:  # any import problem means "not available": auto falls back with a warning
+        return False
+    return True
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into a concrete executor for ``device``; check an explicit choice is usable."""
+    check_choice("backend", backend, SUPPORTED_BACKENDS)
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cuda":
+            _warn_once("auto-cuda", "vidsparse: Triton kernel unavailable on CUDA; backend='auto' uses FlexAttention.")
+        return "flex"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' requested but the Triton kernel could not be imported.")
+    return backend
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    *,
+    backend: str = "auto",
+    scale: float | None = None,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over ``k``/``v`` restricted to the blocks of ``plan``.
+
+    Args:
+        q, k, v: ``[B, S, H, D]`` (diffusers layout), original token order, same dtype.
+        plan: Block plan for sequence length ``S``; its B and H dimensions broadcast (1 or equal to q's).
+        backend: ``"auto"``, ``"flex"``, ``"triton"`` or ``"reference"``.
+        scale: Softmax scale, default ``1/sqrt(D)``.
+        return_lse: Also return the natural-log log-sum-exp per query, float32 ``[B, H, S]`` (original order).
+        key_padding_mask: Optional bool ``[B, S]``; False marks keys nobody may attend (padded text). It is ANDed
+            with the plan, never replaces it.
+
+    Returns:
+        ``out [B, S, H, D]``, or ``(out, lse)`` when ``return_lse``.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k, v must be [B, S, H, D] with matching shapes; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}."
+        )
+    b, s, h, _ = q.shape
+    if s != plan.seq_len:
+        raise ValueError(f"plan is for seq_len={plan.seq_len} but q has {s} tokens.")
+    pb, ph = plan.kv_num.shape[:2]
+    if pb not in (1, b) or ph not in (1, h):
+        raise ValueError(f"plan batch/heads ({pb}, {ph}) do not broadcast to q's ({b}, {h}).")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, s):
+        raise ValueError(f"key_padding_mask must be [B, S] = ({b}, {s}); got {tuple(key_padding_mask.shape)}.")
+    name = resolve_backend(backend, q.device)
+    plan = plan.to(q.device)
+
+    if name == "reference":
+        out, lse = reference_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan,
+            scale=scale, return_lse=return_lse, key_padding_mask=key_padding_mask,
+        )
+        out = out.transpose(1, 2)
+        return (out, lse) if return_lse else out
+
+    # Plan order: gather once here for every fast executor, scatter back below.
+    if plan.perm is not None:
+        q, k, v = (x.index_select(1, plan.perm) for x in (q, k, v))
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.index_select(1, plan.perm)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    if name == "flex":
+        out, lse = flex_block_sparse_attention(
+            qh, kh, vh, plan, scale=scale, return_lse=return_lse, key_padding_mask=key_padding_mask
+        )
+    else:
+        from .block_sparse_attn import block_sparse_attn
+
+        out, lse = block_sparse_attn(
+            qh.contiguous(), kh.contiguous(), vh.contiguous(), plan.kv_num, plan.kv_idx,
+            block_size=plan.block_size, scale=scale, key_padding_mask=key_padding_mask,
+        )
+    out = out.transpose(1, 2)
+    if plan.perm is not None:
+        inv = plan.inv_perm
+        out = out.index_select(1, inv)
+        if lse is not None:
+            lse = lse.index_select(2, inv)
+    return (out, lse) if return_lse else out

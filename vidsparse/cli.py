@@ -1,0 +1,47 @@
+"""The ``vidsparse`` command line: one sub-command per module of :mod:`vidsparse.commands`.
+
+Each module there defines ``register(subparsers)``, which adds its parser and sets ``func`` to the function that
+runs it; this file only assembles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: Sub-command modules, in the order ``vidsparse --help`` lists them.
+COMMAND_MODULES: list[str] = [
+    "vidsparse.commands.render",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="vidsparse",
+        description="Block-sparse attention for diffusers video pipelines: render, evaluate, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vidsparse`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input: one clear line, no traceback, non-zero exit.
+        print(f"vidsparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

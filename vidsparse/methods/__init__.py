@@ -1,0 +1,136 @@
+"""The method registry: each method is one file here, exposing a config class and a ``plan`` function.
+
+A method turns q/k (or only the geometry, for static methods) into a :class:`~vidsparse.plan.BlockPlan`:
+
+    plan(q, k, layout, config, ctx) -> BlockPlan
+
+with ``q``/``k`` in diffusers' ``[B, S, H, D]`` layout and original token order (text included), ``layout`` the
+:class:`~vidsparse.layout.VideoLayout` of the sequence, ``config`` the method's frozen config and ``ctx`` a
+:class:`PlanContext` (layer, step, per-layer store). Static methods ignore q/k and are cached by geometry here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vidsparse.config import SparseConfig
+from vidsparse.layout import VideoLayout
+from vidsparse.plan import BlockPlan
+
+#: Method name -> module that defines ``METHOD`` (a :class:`MethodSpec`). One line per method file.
+_METHOD_MODULES: dict[str, str] = {
+    "dense": "vidsparse.methods.dense",
+    "window": "vidsparse.methods.window",
+}
+
+
+@dataclass
+class PlanContext:
+    """Where in the generation a plan is requested.
+
+    Attributes:
+        layer: Transformer block index of the attention module.
+        step: Denoising step index in the current cache context (0-based).
+        num_steps: Steps of the run when known.
+        context: Cache-context name (``"cond"``, ``"uncond"``, ``"cond_uncond"`` or ``"default"``).
+        store: Per-layer mutable storage for methods that reuse work across steps; reset per generation.
+    """
+
+    layer: int = 0
+    step: int = 0
+    num_steps: int | None = None
+    context: str = "default"
+    store: dict[str, Any] = field(default_factory=dict)
+
+
+PlanFn = Callable[[torch.Tensor | None, torch.Tensor | None, VideoLayout, Any, PlanContext], BlockPlan]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    Attributes:
+        name: Public name (``vidsparse.apply(pipe, name)``).
+        config_cls: Its frozen config dataclass.
+        plan: The planning function.
+        static: True when the plan depends only on (layout, config): it is then built once per geometry.
+        summary: One line for ``vidsparse models`` and the README.
+    """
+
+    name: str
+    config_cls: type[SparseConfig]
+    plan: PlanFn
+    static: bool
+    summary: str
+
+
+def method_names() -> list[str]:
+    """Names of all registered methods."""
+    return list(_METHOD_MODULES)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` for ``name``; ``ValueError`` naming the known methods otherwise."""
+    if not isinstance(name, str) or name not in _METHOD_MODULES:
+        raise ValueError(f"method={name!r} is unknown; available methods: {', '.join(_METHOD_MODULES)}.")
+    return importlib.import_module(_METHOD_MODULES[name]).METHOD
+
+
+def make_config(method_or_config: str | SparseConfig, **overrides: Any) -> SparseConfig:
+    """Build a validated config from a method name (plus option overrides) or copy a config with overrides."""
+    if isinstance(method_or_config, SparseConfig):
+        return method_or_config.replace(**overrides) if overrides else method_or_config
+    if isinstance(method_or_config, str):
+        spec = get_method(method_or_config)
+        cfg = spec.config_cls()
+        return cfg.replace(**overrides) if overrides else cfg
+    raise TypeError(
+        f"method_or_config must be a method name ({', '.join(_METHOD_MODULES)}) or a config instance; "
+        f"got {type(method_or_config).__name__}."
+    )
+
+
+_STATIC_CACHE: OrderedDict[tuple, BlockPlan] = OrderedDict()
+_STATIC_CACHE_SIZE = 32
+
+
+def build_plan(
+    config: SparseConfig,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    layout: VideoLayout,
+    ctx: PlanContext | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> BlockPlan:
+    """Plan with ``config``'s method; static plans come from a bounded cache keyed by geometry and config.
+
+    A new resolution in the same process gets a new plan (keys include the layout), unlike upstream Radial's
+    single global mask.
+    """
+    spec = get_method(config.method)
+    ctx = ctx or PlanContext()
+    if q is not None and q.shape[1] != layout.seq_len:
+        raise ValueError(f"q has {q.shape[1]} tokens but the layout {layout.describe()} has {layout.seq_len}.")
+    if not spec.static:
+        if q is None or k is None:
+            raise ValueError(f"method {spec.name!r} is dynamic: it needs q and k to plan.")
+        return spec.plan(q, k, layout, config, ctx)
+    dev = torch.device(device if device is not None else (q.device if q is not None else "cpu"))
+    key = (config, layout, str(dev))
+    plan = _STATIC_CACHE.get(key)
+    if plan is None:
+        plan = spec.plan(None, None, layout, config, ctx).to(dev)
+        _STATIC_CACHE[key] = plan
+        while len(_STATIC_CACHE) > _STATIC_CACHE_SIZE:
+            _STATIC_CACHE.popitem(last=False)
+    else:
+        _STATIC_CACHE.move_to_end(key)
+    return plan
