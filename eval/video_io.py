@@ -1,0 +1,89 @@
+"""Reading and writing clips (mp4/webm through imageio-ffmpeg, gif through Pillow), and image files.
+
+Frames are ``uint8 [T, H, W, 3]`` numpy arrays everywhere in vidsparse's I/O; metrics convert to float [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
+GIF_SUFFIXES = (".gif",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (or uint8) ``[T, H, W, 3]`` -> uint8, rounding and clipping floats."""
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return frames
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
+    """Write ``frames`` (uint8 or float [0, 1], ``[T, H, W, 3]``) to ``path``, atomically.
+
+    The suffix picks the format: ``.mp4``/``.webm``/... (H.264/VP9 via imageio-ffmpeg; sizes must be even) or
+    ``.gif``. The file appears complete or not at all: it is written next to its target and renamed.
+    """
+    path = Path(path)
+    frames = to_uint8_frames(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3]; got shape {frames.shape}.")
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        if suffix in GIF_SUFFIXES:
+            iio.imwrite(tmp, frames, extension=".gif", duration=int(1000 / fps), loop=0)
+        elif suffix in VIDEO_SUFFIXES:
+            if frames.shape[1] % 2 or frames.shape[2] % 2:
+                raise ValueError(f"video size {frames.shape[2]}x{frames.shape[1]} must be even for {suffix} files.")
+            # macro_block_size=1: keep the exact size (imageio would otherwise resize to multiples of 16).
+            iio.imwrite(tmp, frames, extension=suffix, fps=fps, macro_block_size=1, plugin="FFMPEG")
+        else:
+            allowed = ", ".join(VIDEO_SUFFIXES + GIF_SUFFIXES)
+            raise ValueError(f"out={str(path)!r}: unknown video suffix {suffix!r}; expected one of {allowed}.")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_frames(path: str | os.PathLike) -> np.ndarray:
+    """Read a video, gif, image or ``.npy`` file as uint8 ``[T, H, W, 3]`` (an image is one frame).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be decoded (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            frames = np.load(path, allow_pickle=False)
+        elif suffix in VIDEO_SUFFIXES:
+            frames = iio.imread(path, plugin="FFMPEG")
+        else:
+            frames = iio.imread(path, index=None) if suffix in GIF_SUFFIXES else iio.imread(path)
+    except Exception as err:  # every decoder error becomes one clear message naming the file
+        raise ValueError(f"cannot read {str(path)!r}: {err}") from err
+    frames = np.asarray(frames)
+    if frames.ndim == 3:  # one image
+        frames = frames[None]
+    if frames.ndim == 4 and frames.shape[-1] == 4:  # drop alpha
+        frames = frames[..., :3]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{str(path)!r} holds an array of shape {frames.shape}; expected [T, H, W, 3] RGB.")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"{str(path)!r} holds {frames.dtype} data; expected uint8.")
+    return frames
