@@ -1,0 +1,90 @@
+"""Text encoders and tokenizers built in memory: no vocabulary files, no hub.
+
+Every tiny pipeline in vidsparse (and the project's own trained model) encodes prompts with a word-level tokenizer
+built from a word list, and a small transformers text encoder built from a config with deterministic weights. The
+pipelines call them exactly as they would call a real T5/UMT5/Llama/CLIP pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+#: Words the tiny pipelines' tokenizer knows (lower-case); anything else becomes ``<unk>``. Covers the captions of
+#: the procedural dataset (shapes, colours, motions, backgrounds) and common prompt words.
+DEFAULT_VOCABULARY: tuple[str, ...] = tuple(
+    """
+    a an the of on in over under with and to from at by is are
+    red green blue yellow orange purple pink white black gray grey cyan magenta brown
+    circle disc disk square box rectangle triangle star ring ball cube shape shapes
+    moves moving move goes slides slide bounces bouncing bounce rotates rotating rotate spins spinning grows growing
+    shrinks shrinking falls falling rises rising drifts drifting stays still static
+    left right up down diagonally around across slowly quickly fast slow
+    background gradient textured striped checkered dark light bright plain noise sky sea grass
+    camera pans pan panning zooms zoom
+    cat dog bird person car tree house city street forest beach mountain river ocean sunset night day
+    walking running flying swimming dancing sitting playing video clip scene photo cinematic realistic
+    big small large tiny two three one
+    """.split()
+)
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<unk>", "<s>")
+
+
+def build_word_tokenizer(
+    words: Iterable[str] = DEFAULT_VOCABULARY, *, model_max_length: int = 512, bos: bool = False
+):
+    """A ``PreTrainedTokenizerFast`` over a fixed word list (lower-cased, split on whitespace and punctuation).
+
+    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``<s>`` 3, then the words in order. The post-processor appends
+    ``</s>`` (T5 style), and prepends ``<s>`` when ``bos`` is True (Llama/CLIP style).
+
+    Args:
+        words: The vocabulary; duplicates are dropped, order kept.
+        model_max_length: Longest sequence the tokenizer reports.
+        bos: Also add a beginning-of-sequence token.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = ("<s> $A </s>" if bos else "$A </s>")
+    tk.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        model_max_length=model_max_length,
+    )
+
+
+def build_umt5_encoder(vocab_size: int, d_model: int, *, seed: int = 0, num_layers: int = 2, num_heads: int = 4):
+    """A small ``UMT5EncoderModel`` (Wan's text encoder class) with deterministic weights from ``seed``."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=max(4, d_model // num_heads),
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UMT5EncoderModel(config)
+    return model.eval().requires_grad_(False)
