@@ -85,7 +85,10 @@ def run_suite(configs: Sequence[SparseConfig], geometries: Sequence[tuple[int, i
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of suite rows."""
-    lines = ["| method | options | tokens | density | rel. L2 error | cosine | plan ms |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | options | tokens | density | rel. L2 error | cosine | plan ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cfg = {k: v for k, v in r["config"].items() if k not in ("method", "backend")}
         opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if v not in (None, 0) or k == "density")
