@@ -41,8 +41,15 @@ class SuiteInputs:
     dense_out: torch.Tensor
 
 
-def make_inputs(layout: VideoLayout, *, heads: int = 4, head_dim: int = 64, seed: int = 0,
-                head_types: tuple[str, ...] = DEFAULT_HEAD_MIX, backend: str = "auto") -> SuiteInputs:
+def make_inputs(
+    layout: VideoLayout,
+    *,
+    heads: int = 4,
+    head_dim: int = 64,
+    seed: int = 0,
+    head_types: tuple[str, ...] = DEFAULT_HEAD_MIX,
+    backend: str = "auto",
+) -> SuiteInputs:
     """Structured q/k/v for ``layout`` and their dense attention output."""
     q, k, v = synthetic_qkv(layout, heads=heads, head_dim=head_dim, seed=seed, head_types=head_types)
     dense = BlockPlan.full(layout.seq_len, 64)
@@ -50,8 +57,9 @@ def make_inputs(layout: VideoLayout, *, heads: int = 4, head_dim: int = 64, seed
     return SuiteInputs(layout, q, k, v, dense_out)
 
 
-def evaluate(config: SparseConfig, inputs: SuiteInputs, *, backend: str = "auto",
-             ctx: PlanContext | None = None) -> dict[str, Any]:
+def evaluate(
+    config: SparseConfig, inputs: SuiteInputs, *, backend: str = "auto", ctx: PlanContext | None = None
+) -> dict[str, Any]:
     """Plan with ``config`` on ``inputs`` and measure the output error against dense.
 
     Returns:
@@ -73,8 +81,15 @@ def evaluate(config: SparseConfig, inputs: SuiteInputs, *, backend: str = "auto"
     }
 
 
-def run_suite(configs: Sequence[SparseConfig], geometries: Sequence[tuple[int, int, int]] = DEFAULT_GEOMETRIES, *,
-              heads: int = 4, head_dim: int = 64, seed: int = 0, backend: str = "auto") -> list[dict[str, Any]]:
+def run_suite(
+    configs: Sequence[SparseConfig],
+    geometries: Sequence[tuple[int, int, int]] = DEFAULT_GEOMETRIES,
+    *,
+    heads: int = 4,
+    head_dim: int = 64,
+    seed: int = 0,
+    backend: str = "auto",
+) -> list[dict[str, Any]]:
     """Evaluate every config on every geometry; returns one row per (geometry, config)."""
     rows = []
     for grid in geometries:
@@ -112,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs = [parse_method_spec(s) for s in args.methods]
     geometries = [tuple(int(x) for x in g.lower().split("x")) for g in args.geometry]
-    rows = run_suite(configs, geometries, heads=args.heads, head_dim=args.head_dim, seed=args.seed,
-                     backend=args.backend)
+    rows = run_suite(
+        configs, geometries, heads=args.heads, head_dim=args.head_dim, seed=args.seed, backend=args.backend
+    )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

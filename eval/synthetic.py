@@ -58,8 +58,9 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def smooth_field(grid: tuple[int, int, int], channels: int, sigma: tuple[float, float, float],
-                 generator: torch.Generator) -> torch.Tensor:
+def smooth_field(
+    grid: tuple[int, int, int], channels: int, sigma: tuple[float, float, float], generator: torch.Generator
+) -> torch.Tensor:
     """White noise smoothed separably by a Gaussian along (t, h, w), re-standardised per channel.
 
     Returns:
@@ -171,8 +172,10 @@ def synthetic_qkv(
         v_v = torch.stack(v_heads, 1)
         if layout.text_len:
             text = [torch.randn(layout.text_len, heads, head_dim, generator=gen) for _ in range(3)]
-            parts = [(text[i], x) if layout.text_position == "before" else (x, text[i])
-                     for i, x in enumerate((q_v, k_v, v_v))]
+            parts = [
+                (text[i], x) if layout.text_position == "before" else (x, text[i])
+                for i, x in enumerate((q_v, k_v, v_v))
+            ]
             q_v, k_v, v_v = (torch.cat(p, 0) for p in parts)
         qs.append(q_v)
         ks.append(k_v)

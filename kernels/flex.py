@@ -105,4 +105,3 @@ def flex_block_sparse_attention(
         plain = BlockPlan(plan.kv_num, plan.kv_idx, plan.block_size, plan.seq_len, None, plan.video_range)
         _, lse = reference_attention(q, k, v, plain, scale=scale, return_lse=True, key_padding_mask=key_padding_mask)
     return out, lse
-

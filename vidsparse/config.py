@@ -112,7 +112,8 @@ class SparseConfig:
         check_step_count("dense_last_steps", self.dense_last_steps)
         check_int("dense_layers", self.dense_layers)
         if self.dense_above_timestep is not None and not (
-            isinstance(self.dense_above_timestep, int | float) and not isinstance(self.dense_above_timestep, bool)
+            isinstance(self.dense_above_timestep, int | float)
+            and not isinstance(self.dense_above_timestep, bool)
             and math.isfinite(self.dense_above_timestep)
         ):
             raise ValueError(
