@@ -349,6 +349,9 @@ def _launch(
     b, h, s, d = q.shape
     # Only the last dimension must be dense; everything else goes through strides.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    # Offsets inside one (batch, head) are int32 in the kernel (the (b, h) base is int64): token * stride must fit.
+    if max(x.stride(2) for x in (q, k, v)) * s >= 2**31:
+        raise ValueError(f"q/k/v strides {q.stride()} with S={s} overflow the kernel's int32 token offsets.")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     if s == 0 or b * h == 0:
