@@ -134,11 +134,15 @@ def _tflops(flops: float, ms: float) -> float:
     return float(f"{flops / (ms * 1e-3) / 1e12:.4g}")
 
 
-def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """All (tokens, block size, density) cases; one dense timing per token count, shared by its densities."""
+def bench_attention(
+    args: argparse.Namespace, device: torch.device, cases: list[dict[str, Any]], save: Callable[[], None]
+) -> None:
+    """All (tokens, block size, density) cases, appended to ``cases`` (``save()`` after each one).
+
+    One dense timing per token count, shared by its block sizes and densities.
+    """
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    cases: list[dict[str, Any]] = []
     for tokens in args.tokens:
         shape = (1, args.heads, tokens, args.head_dim)
         q, k, v = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(3))
@@ -172,6 +176,7 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict
                     "max_abs_diff_triton_vs_flex": max_diff,
                 }
                 cases.append(case)
+                save()
                 print(
                     f"S={tokens:6d} block={block_size:3d} density={plan_density:.3f}  dense {dense_ms:9.3f} ms  "
                     f"flex {flex_ms:9.3f} ms  triton {triton_ms:9.3f} ms ({case['triton_tflops']:.0f} TFLOP/s)  "
@@ -185,7 +190,9 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> list[dict
     return cases
 
 
-def bench_planning(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def bench_planning(
+    args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]], save: Callable[[], None]
+) -> None:
     """Planning helpers, torch vs Triton, at the largest token count: block means of k and the LUT from a mask."""
     from .planning import block_mask_to_lut, block_means
 
@@ -195,7 +202,6 @@ def bench_planning(args: argparse.Namespace, device: torch.device) -> list[dict[
     k = torch.randn(1, args.heads, tokens, args.head_dim, generator=gen, device=device).to(dtype)
     qb = num_blocks(tokens, block_size)
     mask = torch.rand(1, args.heads, qb, qb, generator=gen, device=device) < 0.25
-    rows = []
     for name, run in (
         ("block_means", lambda backend: block_means(k, block_size, backend=backend)),
         ("block_mask_to_lut", lambda backend: block_mask_to_lut(mask, backend=backend)),
@@ -214,8 +220,8 @@ def bench_planning(args: argparse.Namespace, device: torch.device) -> list[dict[
                 "outputs_match": bool(same),
             }
         )
+        save()
         print(f"{name:18s} torch {torch_ms:8.3f} ms  triton {triton_ms:8.3f} ms  match={same}", flush=True)
-    return rows
 
 
 def _outputs_match(a: torch.Tensor | tuple[torch.Tensor, ...], b: torch.Tensor | tuple[torch.Tensor, ...]) -> bool:
@@ -272,14 +278,11 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.json or default_json_path()
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # eager FlexAttention on CPU warns on every call in smoke mode
-        cases = bench_attention(args, device)
-        planning = [] if args.no_planning else bench_planning(args, device)
-    report = {
+    report: dict[str, Any] = {
         "meta": {
             "command": " ".join(["python -m vidsparse.kernels.bench_gpu", *(sys.argv[1:] if argv is None else argv)]),
             "smoke": args.smoke,
+            "complete": False,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,
             "triton": triton.__version__,
@@ -292,14 +295,26 @@ def main(argv: list[str] | None = None) -> int:
             "flops": "4 * D * attended (query, key) pairs; dense 4 * B * H * D * S^2",
             "timing": "triton.testing.do_bench median (CUDA)" if device.type == "cuda" else "wall-clock median (CPU)",
             "dense_backend": "SDPA flash" if device.type == "cuda" else "SDPA math",
-            "wall_s": round(time.perf_counter() - t0, 1),
         },
-        "cases": cases,
-        "planning": planning,
+        "cases": [],
+        "planning": [],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save() -> None:
+        # Rewritten after every case: a run stopped by a time limit still leaves the cases it finished.
+        report["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention on CPU warns on every call in smoke mode
+        bench_attention(args, device, report["cases"], save)
+        if not args.no_planning:
+            bench_planning(args, device, report["planning"], save)
+    report["meta"]["complete"] = True
+    save()
     print(f"wrote {path}")
+    cases, planning = report["cases"], report["planning"]
     # Numbers are only worth reporting when the executors computed the same thing.
     diffs = [c["max_abs_diff_triton_vs_flex"] for c in cases]
     if any(not math.isfinite(d) or d > MAX_OUTPUT_DIFF for d in diffs):

@@ -10,7 +10,7 @@ def test_smoke_writes_json(tmp_path):
     path = tmp_path / "bench.json"
     assert bench_gpu.main(["--smoke", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
-    assert report["meta"]["smoke"] is True
+    assert report["meta"]["smoke"] is True and report["meta"]["complete"] is True
     assert [c["density"] for c in report["cases"]] == [0.25, 0.5]
     for case in report["cases"]:
         for key in ("dense_ms", "flex_ms", "triton_ms", "triton_tflops", "speedup_vs_dense", "fraction_of_ideal"):
