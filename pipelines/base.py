@@ -14,10 +14,10 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
-from vidsparse.kernels import block_sparse_attention
 
 from vidsparse.config import SparseConfig
 from vidsparse.hooks import SparseRuntime
+from vidsparse.kernels import block_sparse_attention
 from vidsparse.layout import VideoLayout
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from vidsparse.kernels import bench_gpu
 
 

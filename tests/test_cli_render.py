@@ -5,9 +5,9 @@ import sys
 import time
 
 import pytest
-from vidsparse.eval.video_io import read_frames
 
 from vidsparse.cli import main
+from vidsparse.eval.video_io import read_frames
 
 
 def test_render_default_subprocess_under_two_minutes(tmp_path):

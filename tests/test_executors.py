@@ -3,9 +3,9 @@ import torch
 from helpers import qkv, random_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vidsparse.kernels import block_sparse_attention
 
 import vidsparse
+from vidsparse.kernels import block_sparse_attention
 from vidsparse.plan import BlockPlan
 
 # Fixed shapes: flex compiles once per shape (tests vary plan *data*, never shapes, to stay fast).

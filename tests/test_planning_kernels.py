@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from vidsparse.kernels.planning import block_mask_to_lut, block_means
 
+from vidsparse.kernels.planning import block_mask_to_lut, block_means
 from vidsparse.plan import BlockPlan, block_mask_to_indices
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from vidsparse.kernels import block_sparse_attention
 from vidsparse.kernels.block_sparse_attn import _launch, block_sparse_attn
 from vidsparse.kernels.reference import reference_attention
-
 from vidsparse.plan import BlockPlan, num_blocks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
