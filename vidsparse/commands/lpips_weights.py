@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cached = lw.cached_weights_path(args.net)
     if args.source is not None:
         lw.install_from_file(args.source, args.net)
+        print(f"LPIPS {args.net} backbone ready: {cached}")
         return 0
     if cached.is_file() and not args.force:
         try:
