@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from vidsparse import cli
 from vidsparse.eval import lpips_weights as lw
 from vidsparse.eval import metrics
 from vidsparse.eval.video_io import read_frames, write_video
-
-from vidsparse import cli
 
 EXAMPLES = Path(__file__).parent / "data" / "lpips-examples"
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
+
 from vidsparse.eval import metrics
 from vidsparse.eval.lpips_weights import LpipsUnavailable, random_backbone_model
 from vidsparse.eval.video_io import read_frames
