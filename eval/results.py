@@ -14,7 +14,6 @@ An eval directory (``vidsparse eval --out DIR``) holds:
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -26,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .metrics import json_ready
+
 #: Identifies run files and their layout; bump the version when the layout changes incompatibly.
 RUN_SCHEMA = "vidsparse.eval.run"
 RUN_SCHEMA_VERSION = 1
@@ -35,19 +36,6 @@ STATUSES = ("ok", "failed")
 RUNS_DIR = "runs"
 REFS_DIR = "refs"
 CLIPS_DIR = "clips"
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float spelled as a string (``inf`` -> ``"inf"``): strict JSON has none."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    return value
 
 
 def as_float(value: Any) -> float | None:
@@ -82,7 +70,7 @@ def _atomic(path: Path, write) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented strict JSON to ``path``: the file appears complete or not at all."""
-    data = json.dumps(json_safe(obj), indent=2, allow_nan=False).encode() + b"\n"
+    data = json.dumps(json_ready(obj), indent=2, allow_nan=False).encode() + b"\n"
     return _atomic(Path(path), lambda fh: fh.write(data))
 
 

@@ -127,8 +127,8 @@ def test_run_files_validate(tmp_path):
 
 
 def test_json_is_strict_with_infinities(tmp_path):
-    write_json_atomic(tmp_path / "a.json", {"psnr": float("inf"), "x": [np.float32(1.5)]})
-    assert json.loads((tmp_path / "a.json").read_text()) == {"psnr": "inf", "x": [1.5]}
+    write_json_atomic(tmp_path / "a.json", {"psnr": float("inf"), "x": [1.5, float("-inf")]})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"psnr": "inf", "x": [1.5, "-inf"]}
 
 
 def test_side_by_side_panels():
