@@ -345,12 +345,19 @@ def _md_table(entries: list[dict[str, Any]], columns) -> str:
     return "\n".join(lines)
 
 
+#: Text columns (formatter ``str``) are left-aligned, numbers right-aligned.
+TEXT_CELL = '<td class="l">'
+
+
 def _html_table(entries: list[dict[str, Any]], columns, table_id: str) -> str:
     head = "".join(f"<th>{html.escape(c[0])}</th>" for c in columns)
     body = []
     for entry in entries:
         cls = ' class="failed"' if entry.get("status") == "failed" or entry.get("failed") else ""
-        cells = "".join(f"<td>{html.escape(c)}</td>" for c in _cells(entry, columns))
+        cells = "".join(
+            (TEXT_CELL if column[2] is str else "<td>") + html.escape(cell) + "</td>"
+            for column, cell in zip(columns, _cells(entry, columns))
+        )
         body.append(f"<tr{cls}>{cells}</tr>")
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -415,7 +422,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}
-td:first-child,th:first-child,td:nth-child(2){text-align:left}
+td.l{text-align:left}
 tr.failed td{background:#fde8e8}
 .clips{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0;font-size:12px}

@@ -235,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_sweep(jobs, runner, resume=args.resume, progress=not args.quiet)
     report = build_report(out, command=command, device=device)
     print(summary_markdown(report))
+    for note in report["notes"]:
+        print(f"note: {note}")
     print(
         f"runs: {len(result.executed)} run, {len(result.skipped)} already done, {len(result.failed)} failed"
         + (f" ({', '.join(result.failed)})" if result.failed else "")
