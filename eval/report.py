@@ -350,7 +350,7 @@ TEXT_CELL = '<td class="l">'
 
 
 def _html_table(entries: list[dict[str, Any]], columns, table_id: str) -> str:
-    head = "".join(f"<th>{html.escape(c[0])}</th>" for c in columns)
+    head = "".join(f"<th{' class=l' if c[2] is str else ''}>{html.escape(c[0])}</th>" for c in columns)
     body = []
     for entry in entries:
         cls = ' class="failed"' if entry.get("status") == "failed" or entry.get("failed") else ""
@@ -422,7 +422,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}
-td.l{text-align:left}
+td.l,th.l{text-align:left}
 tr.failed td{background:#fde8e8}
 .clips{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0;font-size:12px}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .metrics import json_ready
+from .video_io import default_file_mode
 
 #: Identifies run files and their layout; bump the version when the layout changes incompatibly.
 RUN_SCHEMA = "vidsparse.eval.run"
@@ -45,18 +46,12 @@ def as_float(value: Any) -> float | None:
     return float(value)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic(path: Path, write) -> Path:
     """Write through ``write(file)`` into a temp file next to ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are ordinary files
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; results are ordinary files
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

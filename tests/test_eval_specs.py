@@ -1,6 +1,7 @@
 """Sweep method specs (expansion over densities, canonical labels), run identity, result files, report helpers."""
 
 import json
+import stat
 
 import eval_fakes
 import numpy as np
@@ -10,6 +11,7 @@ from vidsparse.eval.harness import EvalJob, Geometry, plan_jobs, side_by_side
 from vidsparse.eval.report import pareto_front
 from vidsparse.eval.results import load_run, run_path, write_json_atomic
 from vidsparse.eval.specs import canonical_spec, default_methods, expand_methods, targets_density
+from vidsparse.eval.video_io import default_file_mode
 from vidsparse.methods import method_names, parse_method_spec
 
 
@@ -129,6 +131,7 @@ def test_run_files_validate(tmp_path):
 def test_json_is_strict_with_infinities(tmp_path):
     write_json_atomic(tmp_path / "a.json", {"psnr": float("inf"), "x": [1.5, float("-inf")]})
     assert json.loads((tmp_path / "a.json").read_text()) == {"psnr": "inf", "x": [1.5, "-inf"]}
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == default_file_mode()  # not mkstemp's 0600
 
 
 def test_side_by_side_panels():
