@@ -30,18 +30,24 @@ chunks hold hundreds to thousands of tokens):
   :meth:`ChunkSelection.token_density` gives the selection's own token-pair density, to measure that overhead.
 
 Threshold normalisation. ``normalize="minmax"`` is what the official code does (scores min-max scaled to [0, 1]
-over the pool, despite comments calling it "LSE-style"); the paper's τ = 0.25 was tuned for it, so it is the
-default. ``normalize="softmax"`` is ours: ``softmax(q·k̄/√d + log|chunk|)`` over the chunks of a query block, a
-first-order estimate of the attention mass each chunk receives (Jensen: ``Σ_j exp(q·k_j) ≥ |c| exp(q·k̄)``), so
-``tau`` becomes "estimated attention mass covered" (sensible values ~0.5–0.95, not 0.25). Pool ``"query"`` (per
-query block, the official FastVideo configs) or ``"head"`` (all (query, chunk) pairs of a head, the paper's
+over the pool, despite comments calling it "LSE-style"; the pool minimum gets weight 0). The paper's τ = 0.25 was
+tuned for it. ``normalize="softmax"`` is the alternative reading of the paper's "normalised similarity":
+``softmax(q·k̄/√d + log|chunk|)`` over the chunks of a query block, a first-order estimate of the attention mass
+each chunk receives (Jensen: ``Σ_j exp(q·k_j) ≥ |c| exp(q·k̄)``), so ``tau`` becomes "estimated attention mass
+covered" (sensible values ~0.5–0.95, not 0.25). Ours is ``minmax`` without the code's quirk (the default): on the
+synthetic suite ``softmax`` was no better at equal density (the mean of a large chunk's keys is a weak
+representative, so its softmax is flat), see ``python -m vidsparse.eval.moba_sweep``. Pool ``"query"`` (per query
+block, the official FastVideo configs) or ``"head"`` (all (query, chunk) pairs of a head, the paper's
 Global+Threshold). ``faithful=True`` keeps the code's quirk: at least one chunk besides the own chunk is always
-kept, even when the own chunk alone already reaches ``tau``.
+kept, even when the own chunk alone already reaches ``tau`` (with 3 one-D chunks that alone doubles the density).
 
 Defaults are the paper's (Wan 2.1 480p training-free shapes, appendix Table 4; τ = 0.25; the first 25 % of steps
-dense). Differences from the official code that cannot be avoided in the block format: routing per query block
-(not per query token), superset expansion at shared blocks, ragged edge chunks (the code asserts divisibility), and
-text tokens (which VMoBA never sees; here they are dense rows and columns).
+dense). Paper and official code differ: the paper's training-free results use per-query top-k ("Local+TopK"), its
+training runs Global+Threshold; the public configs use threshold with the per-query pool; FastVideo never applies
+its ``first_full_step`` warm-up and offsets the 1-D/2-D/3-D cycle by its first dense layer (we follow the paper:
+``layer mod 3``, warm-up through ``dense_steps``). Differences that the block format forces: routing per query
+block (not per query token), superset expansion at shared blocks, ragged edge chunks (the code asserts
+divisibility), and text tokens (which VMoBA never sees; here they are dense rows and columns).
 """
 
 from __future__ import annotations
@@ -91,8 +97,9 @@ class MoBAConfig(SparseConfig):
     Args:
         selection: ``"topk"`` (per query block, the ``density`` fraction of chunks), ``"head_global"`` (the same
             budget per head, spread over all query blocks of the head) or ``"threshold"`` (``tau``).
-        density: For ``topk``/``head_global``: kept chunks per query block, ``k = round(density × #chunks)`` (at
-            least 1, the own chunk). Must be ``None`` for ``threshold``, whose density follows from ``tau``.
+        density: For ``topk``/``head_global``: kept chunks per query block, ``k = round(density × #chunks)``
+            (halves up; at least 1, the own chunk). Must be ``None`` for ``threshold``, whose density follows from
+            ``tau``.
         tau: Threshold of the cumulative normalised score, in (0, 1] (paper default 0.25, tuned for ``minmax``).
         threshold_pool: ``"query"`` (each query block on its own, the official configs) or ``"head"`` (all
             (query block, chunk) pairs of a head: the paper's Global+Threshold).
@@ -398,6 +405,12 @@ class ChunkSelection:
         pairs = torch.einsum("bhic,i,c->bh", self.keep.float(), part.block_sizes, part.chunk_sizes)
         return pairs / (n * n)
 
+    def block_token_density(self) -> torch.Tensor:
+        """float32 ``[B, H]``: fraction of video token pairs inside the kept plan blocks (:meth:`block_mask`)."""
+        sizes = self.partition.block_sizes
+        n = float(sizes.sum())
+        return torch.einsum("bhij,i,j->bh", self.block_mask().float(), sizes, sizes) / (n * n)
+
 
 def select_chunks(
     q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: MoBAConfig, ctx: PlanContext
@@ -416,7 +429,7 @@ def select_chunks(
     own = part.overlap  # [Vb, C]: the chunks a query block's own tokens belong to
     num_chunk = part.num_chunks
     if config.selection != "threshold":
-        k_chunks = max(1, round(config.density * num_chunk))
+        k_chunks = max(1, int(config.density * num_chunk + 0.5))  # round halves up (Python's round() goes to even)
         if config.selection == "topk":
             keep = select_topk(scores, own, k_chunks)
         else:
