@@ -68,6 +68,69 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _bench_layout(
+    configs: Sequence[SparseConfig],
+    layout: VideoLayout,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    repeats: int,
+    device: torch.device,
+    backend: str,
+    progress: Callable[[str], None] | None,
+) -> list[dict[str, Any]]:
+    """Rows of :func:`bench_attention` for one geometry (inputs already built)."""
+    backend_name = resolve_backend(backend, device)
+    rows = []
+    dense_ms = time_ms(lambda: dense_sdpa(q, k, v), device, repeats)
+    for config in configs:
+        ctx = PlanContext(layer=0, step=0)
+        start = time.perf_counter()
+        plan = build_plan(config, q, k, layout, ctx)
+        _sync(device)
+        plan_first_ms = (time.perf_counter() - start) * 1000
+        plan_ms = time_ms(lambda cfg=config, c=ctx: build_plan(cfg, q, k, layout, c), device, repeats, 0)
+        start = time.perf_counter()
+        block_sparse_attention(q, k, v, plan, backend=backend)  # compiles a new shape
+        _sync(device)
+        compile_s = time.perf_counter() - start
+        attn_ms = time_ms(lambda p=plan: block_sparse_attention(q, k, v, p, backend=backend), device, repeats)
+        # A second dense timing right after: the ratio uses the mean of the two, so drift in machine load during the
+        # sparse timings does not bias it.
+        dense_after = time_ms(lambda: dense_sdpa(q, k, v), device, repeats, 0)
+        dense_pair = (dense_ms + dense_after) / 2
+        density = plan.density()
+        speedup = dense_pair / (plan_ms + attn_ms)
+        rows.append(
+            {
+                "method": config.method,
+                "config": config.to_dict(),
+                "backend": backend_name,
+                "geometry": list(layout.grid),
+                "tokens": layout.seq_len,
+                "heads": q.shape[2],
+                "head_dim": q.shape[3],
+                "density": density,
+                "dense_ms": dense_pair,
+                "plan_ms": plan_ms,
+                "plan_first_ms": plan_first_ms,
+                "attn_ms": attn_ms,
+                "compile_s": compile_s,
+                "speedup": speedup,
+                "ideal": 1.0 / density,
+                "efficiency": speedup * density,
+            }
+        )
+        dense_ms = dense_after
+        if progress:
+            progress(
+                f"{config.method:8s} {layout.seq_len:6d} tok  density {density:.3f}  dense {dense_pair:8.1f} ms"
+                f"  plan {plan_ms:7.2f} ms  sparse {attn_ms:8.1f} ms  speed-up {speedup:5.2f}x"
+                f" (ideal {1 / density:5.2f}x, efficiency {speedup * density:.2f})"
+            )
+    return rows
+
+
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Dense attention with torch SDPA on ``[B, S, H, D]`` inputs (the baseline every speed-up is measured against)."""
     out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -102,55 +165,10 @@ def bench_attention(
         "plan_first_ms", "attn_ms", "compile_s", "speedup", "ideal", "efficiency"}, ...]}``.
     """
     device = torch.device(device)
-    backend_name = resolve_backend(backend, device)
-    results = []
+    results: list[dict[str, Any]] = []
     for grid in geometries:
         layout = VideoLayout(*grid)
         q, k, v = (x.to(device=device, dtype=dtype) for x in synthetic_qkv(layout, heads=heads, head_dim=head_dim))
         with torch.no_grad():
-            dense_ms = time_ms(lambda: dense_sdpa(q, k, v), device, repeats)
-            for config in configs:
-                ctx = PlanContext(layer=0, step=0)
-                start = time.perf_counter()
-                plan = build_plan(config, q, k, layout, ctx)
-                _sync(device)
-                plan_first_ms = (time.perf_counter() - start) * 1000
-                plan_ms = time_ms(lambda cfg=config, c=ctx: build_plan(cfg, q, k, layout, c), device, repeats, 0)
-                start = time.perf_counter()
-                block_sparse_attention(q, k, v, plan, backend=backend)  # compiles a new shape
-                _sync(device)
-                compile_s = time.perf_counter() - start
-                attn_ms = time_ms(lambda p=plan: block_sparse_attention(q, k, v, p, backend=backend), device, repeats)
-                # A second dense timing right after: the ratio uses the mean of the two, so drift in machine load
-                # during the sparse timings does not bias it.
-                dense_after = time_ms(lambda: dense_sdpa(q, k, v), device, repeats, 0)
-                dense_pair = (dense_ms + dense_after) / 2
-                density = plan.density()
-                speedup = dense_pair / (plan_ms + attn_ms)
-                row = {
-                    "method": config.method,
-                    "config": config.to_dict(),
-                    "backend": backend_name,
-                    "geometry": list(grid),
-                    "tokens": layout.seq_len,
-                    "heads": heads,
-                    "head_dim": head_dim,
-                    "density": density,
-                    "dense_ms": dense_pair,
-                    "plan_ms": plan_ms,
-                    "plan_first_ms": plan_first_ms,
-                    "attn_ms": attn_ms,
-                    "compile_s": compile_s,
-                    "speedup": speedup,
-                    "ideal": 1.0 / density,
-                    "efficiency": speedup * density,
-                }
-                results.append(row)
-                dense_ms = dense_after
-                if progress:
-                    progress(
-                        f"{config.method:8s} {layout.seq_len:6d} tok  density {density:.3f}  dense {dense_pair:8.1f} ms"
-                        f"  plan {plan_ms:7.2f} ms  sparse {attn_ms:8.1f} ms  speed-up {speedup:5.2f}x"
-                        f" (ideal {1 / density:5.2f}x, efficiency {speedup * density:.2f})"
-                    )
+            results.extend(_bench_layout(configs, layout, q, k, v, repeats, device, backend, progress))
     return {**environment(device), "dtype": str(dtype).replace("torch.", ""), "results": results}

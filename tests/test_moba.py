@@ -290,10 +290,6 @@ def test_full_budget_reproduces_dense_output():
 
 def test_flex_matches_reference_on_moba_plans():
     # One shape (text after, batch 2, ragged grid, 3 partition types): the flex kernel compiles once.
-    # Known executor bug (reported to the lead): after torch.compile's recompile limit (8 shapes in one process, which
-    # the full suite reaches) the compiled flex_attention silently falls back to eager, which ignores the plan's full
-    # blocks and computes dense attention. Reset so this test checks moba plans on a fresh compile.
-    torch._dynamo.reset()
     layout = VideoLayout(5, 7, 9, text_len=9, text_position="after")
     q, k, v = qkv(layout, batch=2, seed=3)
     for layer, cfg in enumerate([small_config(), small_config(selection="topk", density=0.3), small_config()]):
