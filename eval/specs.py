@@ -115,24 +115,31 @@ def expand_methods(specs: Sequence[str], densities: Sequence[float] | None = Non
     _check_densities(densities)
     runs: list[MethodRun] = []
     for text in specs:
-        base = parse_method_spec(text)
         explicit = "density" in _option_names(text)
-        if not densities:
-            runs.append(MethodRun(base, canonical_spec(base)))
-        elif explicit:
-            note = f"{text!r} sets its own density; --densities not applied"
+        if not densities or explicit:
+            base = parse_method_spec(text)
+            note = f"{text!r} sets its own density; --densities not applied" if densities else None
             runs.append(MethodRun(base, canonical_spec(base), note))
-        elif not targets_density(base.method):
+            continue
+        # A spec may be valid only once a density is given (e.g. "moba:selection=topk"): parse it without one
+        # where possible, to tell methods without a density target apart.
+        try:
+            base = parse_method_spec(text)
+        except ValueError:
+            base = None
+        if base is not None and not targets_density(base.method):
             note = f"method {base.method!r} has no density target; runs once with its own options"
             runs.append(MethodRun(base, canonical_spec(base), note))
-        else:
-            for density in densities:
-                try:
-                    config = base.replace(density=float(density))
-                except ValueError as err:  # e.g. a selection mode whose density follows from another option
-                    runs.append(MethodRun(base, canonical_spec(base), f"density not applied to {text!r}: {err}"))
-                    break
-                runs.append(MethodRun(config, canonical_spec(config)))
+            continue
+        for density in densities:
+            try:
+                config = parse_method_spec(f"{text}{',' if ':' in text else ':'}density={float(density)!r}")
+            except ValueError as err:  # e.g. a selection mode whose density follows from another option
+                if base is None:
+                    raise
+                runs.append(MethodRun(base, canonical_spec(base), f"density not applied to {text!r}: {err}"))
+                break
+            runs.append(MethodRun(config, canonical_spec(config)))
     unique: dict[SparseConfig, MethodRun] = {}
     for run in runs:
         unique.setdefault(run.config, run)

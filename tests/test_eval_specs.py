@@ -33,6 +33,15 @@ def test_targets_density(fakes):
     assert not targets_density("dense")
 
 
+def test_expand_needs_density_to_parse():
+    # moba's default selection derives its density from tau; top-k selection needs a density to be valid at all.
+    runs = expand_methods(["moba:selection=topk", "moba"], [0.125, 0.25])
+    assert [r.spec for r in runs[:2]] == ["moba:density=0.125,selection=topk", "moba:density=0.25,selection=topk"]
+    assert runs[2].spec == "moba" and "density not applied" in runs[2].note
+    with pytest.raises(ValueError, match="density"):
+        expand_methods(["moba:selection=topk"])
+
+
 def test_expand_over_densities(fakes):
     runs = expand_methods(["band", "window:window=0", "band:density=0.3", "band"], [0.25, 0.5])
     specs = [r.spec for r in runs]
