@@ -103,13 +103,15 @@ def run_suite(
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of suite rows: one line per (geometry, method configuration)."""
     lines = [
-        "| geometry | method | measured density | rel. L2 error | cosine | plan ms |",
-        "|---|---|---|---|---|---|",
+        "| geometry | method | target density | measured density | rel. L2 error | cosine | plan ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         grid = "x".join(map(str, r["geometry"]))
+        target = r["config"].get("density")
+        target_text = "–" if target is None else f"{target:g}"
         lines.append(
-            f"| {grid} | {r['spec']} | {r['density']:.3f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} | "
+            f"| {grid} | {r['spec']} | {target_text} | {r['density']:.3f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} | "
             f"{r['plan_ms']:.1f} |"
         )
     return "\n".join(lines)

@@ -92,7 +92,7 @@ def test_attention_suite_every_method_by_default(tmp_path, capsys):
     assert {r["method"] for r in data["rows"]} == set(method_names())
     for row in data["rows"]:
         assert 0 < row["density"] <= 1 and row["rel_l2"] >= 0 and -1 <= row["cosine"] <= 1
-    assert "| 3x8x16 |" in capsys.readouterr().out
+    assert "| 3x8x16 | dense | – | 1.000 |" in capsys.readouterr().out
 
 
 def test_attention_suite_densities(tmp_path, fakes):
