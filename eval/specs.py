@@ -33,15 +33,10 @@ def default_methods(count: int = DEFAULT_METHOD_COUNT) -> list[str]:
 def targets_density(method: str) -> bool:
     """Whether ``method`` plans to a ``density`` target (so a sweep over densities makes sense for it).
 
-    Every config has the shared ``density`` field, but some methods ignore it (``window``, ``dense``). A method says
-    that it uses it either with a ``targets_density`` attribute on its :class:`~vidsparse.methods.MethodSpec` or by
-    documenting ``density:`` among the arguments of its own config class (all methods of this project do one).
+    Every config has the shared ``density`` field, but some methods ignore it (``window``, ``dense``); each method
+    says which in its :class:`~vidsparse.methods.MethodSpec`.
     """
-    spec = get_method(method)
-    flag = getattr(spec, "targets_density", None)
-    if flag is not None:
-        return bool(flag)
-    return "density:" in (spec.config_cls.__doc__ or "")
+    return get_method(method).targets_density
 
 
 def _format_value(value: Any) -> str:

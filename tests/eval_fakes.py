@@ -74,7 +74,9 @@ def interrupt_plan(q, k, layout, config, ctx):
 
 
 FAKES = {
-    "band": registry.MethodSpec("band", BandConfig, band_plan, static=False, summary="test: diagonal band"),
+    "band": registry.MethodSpec(
+        "band", BandConfig, band_plan, static=False, summary="test: diagonal band", targets_density=True
+    ),
     "boom": registry.MethodSpec("boom", BoomConfig, boom_plan, static=False, summary="test: always fails"),
     "interrupt": registry.MethodSpec("interrupt", InterruptConfig, interrupt_plan, static=False, summary="test"),
 }
