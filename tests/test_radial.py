@@ -3,16 +3,14 @@ invariants, executors against ``reference``, the static cache and the ``vidspars
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vidsparse.kernels import block_sparse_attention
 
 import vidsparse
 from vidsparse.config import resolve_step_count
+from vidsparse.kernels import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import _STATIC_CACHE, PlanContext, build_plan, get_method, parse_method_spec
 from vidsparse.methods.radial import RadialConfig, decay_thresholds, faithful_block_mask
@@ -204,11 +202,12 @@ def test_plan_invariants_any_token_count(frames, height, width, text_len, before
 
 @pytest.mark.parametrize("faithful", [False, True])
 def test_flex_matches_reference(faithful):
-    layout = VideoLayout(4, 10, 13, text_len=7, text_position="before")
+    # 280 video + 20 text = 300 tokens, batch 2, 3 heads x 16: the shape test_executors.py compiles flex for.
+    layout = VideoLayout(4, 7, 10, text_len=20, text_position="before")
     config = RadialConfig(faithful=True, strict_tokens=False) if faithful else RadialConfig(density=0.3)
     plan = plan_of(config, layout)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, layout.seq_len, 2, 32, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, layout.seq_len, 3, 16, generator=gen) for _ in range(3))
     ref = block_sparse_attention(q, k, v, plan, backend="reference")
     out = block_sparse_attention(q, k, v, plan, backend="flex")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -231,21 +230,48 @@ def test_static_cache_gives_each_resolution_its_own_plan():
 
 # ------------------------------------------------------------------------------------------ plan command
 def test_plan_command_prints_density_and_draws_png(tmp_path, capsys):
-    from vidsparse.commands import plan as plan_command
+    from vidsparse.cli import main
 
-    parser = argparse.ArgumentParser()
-    plan_command.register(parser.add_subparsers())
     png = tmp_path / "mask.png"
-    args = parser.parse_args(
-        ["plan", "radial", "--frames", "5", "--height", "12", "--width", "20", "--density", "0.3", "--png", str(png)]
-    )
-    assert args.func(args) == 0
+    argv = ["plan", "radial", "--frames", "5", "--height", "12", "--width", "20", "--density", "0.3", "--png", str(png)]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "5x12x20 video (1200 tokens)" in out
     density = float(out.split("density:")[1].split()[0])
     assert abs(density - 0.3) <= 0.02
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    args = parser.parse_args(["plan", "radial", "--frames", "4", "--height", "8", "--width", "16",
-                              "--opt", "faithful=true", "--opt", "decay=0.5"])  # fmt: skip
-    assert args.func(args) == 0
+    assert (
+        main(["plan", "radial:faithful=true", "--frames", "4", "--height", "8", "--width", "16", "--opt", "decay=0.5"])
+        == 0
+    )
     assert "'rule': 'faithful'" in capsys.readouterr().out
+    # Bad input: one clear line naming the problem, exit status 2.
+    assert main(["plan", "radial", "--opt", "faithful=true", "--frames", "21"]) == 2
+    assert "32760 tokens" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+def test_apply_on_tiny_wan_uses_warm_up_and_hits_density():
+    from vidsparse.pipelines import tiny
+
+    pipe = tiny.build("wan")
+    pipe.set_progress_bar_config(disable=True)
+    # 17 frames x 128 x 192 px -> 5 x 8 x 12 = 480 latent tokens (8 blocks, the last partial); 2 transformer blocks.
+    with vidsparse.apply(pipe, "radial", density=0.3) as handle:  # dense_steps=0.24 -> step 0 of 4, layer 0 dense
+        out = pipe(
+            prompt="a red circle moves left",
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            num_frames=17,
+            height=128,
+            width=192,
+        ).frames
+        rows = handle.stats()
+    assert torch.isfinite(out).all()
+    assert not any(r["sparse"] for r in rows if r["layer"] == 0)
+    assert [r["sparse"] for r in rows if r["layer"] == 1] == [False, True, True, True]
+    for r in rows:
+        if r["sparse"]:
+            assert r["tokens"] == 480 and abs(r["density"] - 0.3) <= 0.02, r
