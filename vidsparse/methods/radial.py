@@ -342,37 +342,38 @@ def _decay_thresholds(
     order = layout.tile_order((1, *tile))
     pieces = _pieces(layout, block, order, tile)
     vb = num_blocks(layout.num_video_tokens, block)
-    # Pad to [Vb, K] slots (K = most pieces in one block; 1 when the tile divides the grid). Empty slots are
-    # marked by frame -1 and never win the minimum.
-    first = torch.searchsorted(pieces.block, torch.arange(vb))
-    slot = torch.arange(pieces.block.numel()) - first[pieces.block]
-    k = int(slot.max()) + 1
-    frame = torch.full((vb, k), -1, dtype=torch.int64).index_put_((pieces.block, slot), pieces.frame)
-    centre = torch.zeros(vb, k, 2, dtype=torch.float64).index_put_((pieces.block, slot), pieces.centre)
-    spread = torch.zeros(vb, k, dtype=torch.float64).index_put_((pieces.block, slot), pieces.spread)
+    # Pieces of different frames often have the same spatial shape (frames repeat the tiling, shifted by
+    # s mod block): the spatial part of the threshold is computed once per pair of distinct shapes.
+    shapes, shape_id = torch.unique(torch.cat([pieces.centre, pieces.spread[:, None]], 1), dim=0, return_inverse=True)
+    centres = shapes[:, :2]
+    r2 = torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    r2 = r2 + shapes[:, 2, None] + shapes[None, :, 2]
     # Fraction of a frame's token pairs strictly closer than r, looked up by r**2 among the integer distances.
     dist2 = (torch.arange(height)[:, None] ** 2 + torch.arange(width)[None] ** 2).view(-1).double()
     sorted_d2, by_d2 = torch.sort(dist2)
-    sorted_below = pair_fraction_below(height, width).view(-1)[by_d2]
-    floor = 1.0 / layout.tokens_per_frame
+    sorted_below = torch.cat([pair_fraction_below(height, width).view(-1)[by_d2], torch.ones(1, dtype=torch.float64)])
+    spatial = sorted_below[torch.searchsorted(sorted_d2, r2)].clamp(min=1.0 / layout.tokens_per_frame)
+    spatial = torch.nn.functional.pad(spatial, (0, 1, 0, 1), value=math.inf)  # last row/column: empty slot
+    inv_weight = 1.0 / frame_weight(torch.arange(layout.frames), near_weight, temporal_decay)
+    # Pad to [Vb, K] slots (K = most pieces in one block; 1 when the tile divides the grid); empty slots point at
+    # the infinite row of ``spatial`` and never win the minimum.
+    first = torch.searchsorted(pieces.block, torch.arange(vb))
+    slot = torch.arange(pieces.block.numel()) - first[pieces.block]
+    k = int(slot.max()) + 1
+    frame = torch.zeros(vb, k, dtype=torch.int64).index_put_((pieces.block, slot), pieces.frame)
+    shape = torch.full((vb, k), len(shapes), dtype=torch.int64).index_put_((pieces.block, slot), shape_id)
     thresholds = torch.empty(vb, vb, dtype=torch.float64)
     rows_per_chunk = max(1, 4_000_000 // (vb * k * k))
     for r0 in range(0, vb, rows_per_chunk):
         rows = slice(r0, r0 + rows_per_chunk)
         # [R, Vb, K (query slot), K (key slot)]
-        r2 = ((centre[rows, None, :, None] - centre[None, :, None]) ** 2).sum(-1)
-        r2 = r2 + spread[rows, None, :, None] + spread[None, :, None]
-        pos = torch.searchsorted(sorted_d2, r2.reshape(-1)).clamp(max=sorted_d2.numel() - 1).view(r2.shape)
-        frac = torch.where(r2 > sorted_d2[-1], 1.0, sorted_below[pos]).clamp(min=floor)
-        tau = frac / frame_weight(
-            (frame[rows, None, :, None] - frame[None, :, None]).abs(), near_weight, temporal_decay
-        )
-        empty = (frame[rows, None, :, None] < 0) | (frame[None, :, None] < 0)
-        thresholds[rows] = tau.masked_fill(empty, math.inf).flatten(2).min(-1).values
+        tau = spatial[shape[rows, None, :, None], shape[None, :, None]]
+        tau = tau * inv_weight[(frame[rows, None, :, None] - frame[None, :, None]).abs()]
+        thresholds[rows] = tau.flatten(2).min(-1).values
     if sink:
         # The sink is a whole key frame: every key block holding a frame-0 token, including the one it shares
         # with frame 1.
-        thresholds[:, (frame == 0).any(1)] = 0.0
+        thresholds[:, ((frame == 0) & (shape < len(shapes))).any(1)] = 0.0
     thresholds.diagonal().fill_(-1.0)
     return thresholds, order
 
@@ -399,14 +400,15 @@ def ours_block_mask(layout: VideoLayout, config: RadialConfig) -> tuple[torch.Te
         return thresholds <= config.decay, order, float(config.decay)
     target = DEFAULT_DENSITY if config.density is None else config.density
     keep = min(vb * vb, max(vb, round(target * vb * vb)))
+    flat = thresholds.reshape(-1)
+    decay = float(torch.kthvalue(flat, keep).values)
+    mask = flat < decay
+    # Pairs tied at the boundary threshold: admit the nearest block centres first (then the lowest index).
+    tied = torch.nonzero(flat == decay).flatten()
     centres = _block_centres(layout, config.block_size, order)
-    tie_break = torch.cdist(centres, centres).reshape(-1)
-    # Lexicographic (threshold, centre distance): stable sort by the secondary key, then by the primary one.
-    by_distance = torch.sort(tie_break, stable=True).indices
-    ranked = by_distance[torch.sort(thresholds.reshape(-1)[by_distance], stable=True).indices]
-    mask = torch.zeros(vb * vb, dtype=torch.bool)
-    mask[ranked[:keep]] = True
-    decay = float(thresholds.reshape(-1)[ranked[keep - 1]].clamp(min=0))
+    distance = (centres[tied // vb] - centres[tied % vb]).norm(dim=1)
+    mask[tied[torch.sort(distance, stable=True).indices[: keep - int(mask.sum())]]] = True
+    decay = max(decay, 0.0)
     return mask.view(vb, vb), order, decay
 
 
