@@ -163,6 +163,10 @@ def test_config_validation_names_the_field():
         RadialConfig(tile=(8, 0))
     with pytest.raises(ValueError, match="faithful"):
         RadialConfig(faithful="yes")
+    with pytest.raises(ValueError, match="near_weight=5.*faithful=False"):
+        RadialConfig(faithful=True, near_weight=5.0)
+    with pytest.raises(ValueError, match="temporal_decay=-1"):
+        RadialConfig(temporal_decay=-1)
     config = parse_method_spec("radial:density=0.2,tile=4/16,sink=true")
     assert (config.density, config.tile, config.sink) == (0.2, (4, 16), True)
 

@@ -50,6 +50,7 @@ Text tokens stay dense and every query block attends its own block (:func:`vidsp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -135,8 +136,13 @@ class RadialConfig(SparseConfig):
                     f"density={self.density!r} cannot be used with faithful=True: the official rule has no density "
                     "target (its density follows from decay and saturates); pass decay=..., or use faithful=False."
                 )
-            if self.tile is not None:
-                raise ValueError(f"tile={self.tile!r} is only used by faithful=False (faithful works in raster order).")
+            defaults = {f.name: f.default for f in dataclasses.fields(RadialConfig)}
+            for name in ("tile", "near_weight", "temporal_decay"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is only used by faithful=False (the official rule has no "
+                        "such option)."
+                    )
         elif self.density is not None and self.decay is not None:
             raise ValueError(
                 f"density={self.density!r} and decay={self.decay!r} are both set: ours takes one of them "
