@@ -28,6 +28,7 @@ _METHOD_MODULES: dict[str, str] = {
     "dense": "vidsparse.methods.dense",
     "window": "vidsparse.methods.window",
     "moba": "vidsparse.methods.moba",
+    "radial": "vidsparse.methods.radial",
 }
 
 
