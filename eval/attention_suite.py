@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vidsparse.kernels import block_sparse_attention
 
 from vidsparse.config import SparseConfig
+from vidsparse.kernels import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, build_plan, parse_method_spec
 from vidsparse.plan import BlockPlan

@@ -225,9 +225,14 @@ class BlockPlan:
         in_video = (rows >= b0) & (rows < b1) & valid
         return in_video.sum(dim=(-1, -2)).float() / float(n * n)
 
+    @cached_property
+    def mean_density(self) -> torch.Tensor:
+        """0-dim float32 tensor: :meth:`density` without a host sync (computed once per plan)."""
+        return self.density_per_head().mean()
+
     def density(self) -> float:
         """Mean density over batch and heads (video→video blocks); 1.0 is dense. Synchronises with the device."""
-        return float(self.density_per_head().mean())
+        return float(self.mean_density)
 
     # ------------------------------------------------------------------------------------------- validation
     def validate(self) -> BlockPlan:
