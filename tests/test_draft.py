@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vidsparse.eval.synthetic import output_error, synthetic_qkv
-from vidsparse.kernels import block_sparse_attention
 
 import vidsparse
+from vidsparse.eval.synthetic import output_error, synthetic_qkv
+from vidsparse.kernels import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, build_plan, parse_method_spec
 from vidsparse.methods.draft import (
@@ -340,3 +340,40 @@ def test_registered_and_reachable_from_the_public_api():
     assert plan.meta["method"] == "draft" and plan.validate() is plan
     with pytest.raises(ValueError, match="dynamic"):
         vidsparse.plan("draft", None, None, layout)
+
+
+# ------------------------------------------------------------------------------------------------ integration
+def test_apply_on_tiny_wan_runs_draft_with_its_warm_up():
+    from vidsparse.pipelines import tiny
+
+    pipe = tiny.build("wan")
+    pipe.set_progress_bar_config(disable=True)
+    # The reference executor: the flex path is covered above, and compiling it for this shape costs ~20 s.
+    call = dict(
+        prompt="a red circle moves left",
+        negative_prompt="",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        output_type="latent",
+        num_frames=17,  # latent 5 x 8 x 12 = 480 tokens: 8 regions of 64
+        height=128,
+        width=192,
+    )
+    with vidsparse.apply(pipe, "draft", density=0.25, block_size=64, backend="reference") as handle:
+        out = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+        rows = handle.stats()
+    assert torch.isfinite(out).all()
+    # Our warm-up: dense_steps=0.25 of 3 steps -> step 0 dense; dense_layers=1 -> layer 0 dense (of 2 layers).
+    reasons = {(r["step"], r["layer"]): r["reason"] for r in rows}
+    assert reasons[(0, 0)] == "dense_layers" and reasons[(0, 1)] == "dense_steps"
+    sparse = [r for r in rows if r["sparse"]]
+    assert len(sparse) == 2 * 2  # steps 1-2 x (cond, uncond), layer 1
+    assert all(r["density"] == pytest.approx(0.25) for r in sparse)
+
+    with vidsparse.apply(pipe, faithful_config("wan", block_size=64, backend="reference")) as handle:
+        pipe(generator=torch.Generator().manual_seed(0), **call)
+        rows = handle.stats()
+    # The tiny scheduler's timesteps are 1000, 751, 9: only step 0 is above 925.
+    assert {r["reason"] for r in rows if r["step"] == 0 and r["layer"] == 1} == {"dense_above_timestep"}
+    sparse = [r for r in rows if r["sparse"]]
+    assert {r["step"] for r in sparse} == {1, 2} and all(0.25 <= r["density"] < 1 for r in sparse)
