@@ -118,11 +118,12 @@ def test_pooling_is_the_mean_over_each_block_in_plan_order():
     layout = VideoLayout(2, 5, 7, text_len=3, text_position="before")  # 70 video tokens, blocks of 64: 64 + 6
     x = torch.randn(2, layout.seq_len, 3, 4, dtype=torch.float64)
     order = region_order(layout, 3)
-    mean, square = pool_regions(x, layout, order, 64, second_moment=True)
     video = x[:, 3:][:, order]
-    for i, (lo, hi) in enumerate([(0, 64), (64, 70)]):
-        torch.testing.assert_close(mean[:, :, i], video[:, lo:hi].mean(1).float())
-        torch.testing.assert_close(square[:, :, i], (video[:, lo:hi] ** 2).mean(1).float())
+    for scatter in (True, False):  # index_add_ (CPU default) and gather + segment sums (CUDA default)
+        mean, square = pool_regions(x, layout, order, 64, second_moment=True, scatter=scatter)
+        for i, (lo, hi) in enumerate([(0, 64), (64, 70)]):
+            torch.testing.assert_close(mean[:, :, i], video[:, lo:hi].mean(1).float())
+            torch.testing.assert_close(square[:, :, i], (video[:, lo:hi] ** 2).mean(1).float())
 
 
 def test_draft_map_is_row_stochastic_and_key_variance_favours_strong_outliers():

@@ -263,32 +263,56 @@ def _segment_sums(video: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def pool_regions(
-    x: torch.Tensor, layout: VideoLayout, order: torch.Tensor, block_size: int, *, second_moment: bool = False
+    x: torch.Tensor,
+    layout: VideoLayout,
+    order: torch.Tensor,
+    block_size: int,
+    *,
+    second_moment: bool = False,
+    scatter: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean (and optionally mean square) of ``x`` over each region.
 
     Only video tokens are pooled; the last region holds the ``N_video % block_size`` leftover tokens when the video
     does not fill it.
 
+    Two equivalent implementations: *scatter* adds every raster token into its region (``index_add_``, no copy of
+    ``x``: about 5× faster on CPU, but float atomics on CUDA make it run-to-run nondeterministic there); *gather*
+    copies the video tokens into region order and sums runs of ``block_size`` (deterministic, cheap at GPU
+    bandwidth).
+
     Args:
         x: ``[B, S, H, D]`` in the original token order.
         order: The region order of the video tokens (:func:`region_order`), on x's device.
         second_moment: Also return the per-dimension mean of ``x²`` over each region.
+        scatter: Force one implementation; ``None`` uses scatter on CPU and gather elsewhere.
 
     Returns:
         ``(mean, mean_square or None)``, float32 ``[B, H, Vb, D]`` each.
     """
-    nv = layout.num_video_tokens
-    video = x.index_select(1, order + layout.video_start)  # [B, Nv, H, D] in region order
+    b, _, h, d = x.shape
+    nv, start = layout.num_video_tokens, layout.video_start
     vb = num_blocks(nv, block_size)
     counts = torch.full((vb,), float(block_size), device=x.device)
     counts[-1] = nv - (vb - 1) * block_size
     counts = counts[None, :, None, None]
-    mean = (_segment_sums(video, block_size) / counts).permute(0, 2, 1, 3)
-    if not second_moment:
+    if scatter if scatter is not None else x.device.type == "cpu":
+        video = x[:, start : start + nv]
+        if video.dtype != torch.float32:
+            video = video.float()
+        region = torch.empty_like(order).scatter_(0, order, torch.arange(nv, device=x.device) // block_size)
+        sums = torch.zeros(b, vb, h, d, device=x.device).index_add_(1, region, video)
+        squares = (
+            torch.zeros(b, vb, h, d, device=x.device).index_add_(1, region, video.square()) if second_moment else None
+        )
+    else:
+        video = x.index_select(1, order + start)  # [B, Nv, H, D] in region order
+        sums = _segment_sums(video, block_size)
+        squares = _segment_sums(video.float().square(), block_size) if second_moment else None
+    mean = (sums / counts).permute(0, 2, 1, 3)
+    if squares is None:
         return mean, None
-    mean_square = (_segment_sums(video.float().square(), block_size) / counts).permute(0, 2, 1, 3)
-    return mean, mean_square
+    return mean, (squares / counts).permute(0, 2, 1, 3)
 
 
 def draft_map(
