@@ -6,12 +6,16 @@ same synthetic q/k/v (:mod:`vidsparse.eval.synthetic`):
 - ``plan_ms``: median of ``repeats`` calls of the method's planner after ``warmup`` calls (bypassing the static
   plan cache, so a static method is charged for building its plan too);
 - ``dense_sdpa_ms``: median dense ``scaled_dot_product_attention``;
-- ``dense_flex_ms``: median dense attention through the flex executor with the full plan at the method's block size
-  (compiled once before timing);
+- ``dense_executor_ms``: median dense attention through the same executor as the sparse run (``backend``; ``auto`` is
+  flex on CPU) with the full plan at the method's block size (compiled once before timing);
 - ``sparse_ms``: median attention through ``backend`` with the method's plan;
 - ``plan_over_dense_*`` ratios, and ``plan_over_sparse``.
 
-    python -m vidsparse.eval.plan_cost --methods draft draft:faithful=true --geometry 9x30x52 [--json F]
+    python -m vidsparse.eval.plan_cost --methods draft draft:faithful=true --geometry 9x30x52 [--threads N] [--json F]
+
+Planning is many small tensor operations, attention a few large ones: on an oversubscribed CPU (more runnable
+threads than cores) every multi-threaded small operation waits for descheduled threads, and planning looks far
+slower relative to attention than on a quiet machine. ``--threads 1`` removes most of that effect; report the load.
 
 :func:`measure_plan_cost` is the function a ``vidsparse bench`` command can call.
 """
@@ -76,12 +80,12 @@ def measure_plan_cost(
         layout: Geometry, e.g. ``VideoLayout(9, 30, 52)``.
         heads, head_dim, batch: Shape of the synthetic q/k/v ``[batch, S, heads, head_dim]``.
         repeats, warmup: Timed runs (median reported) and untimed runs before them.
-        backend: Executor of the sparse (and flex-dense) runs.
+        backend: Executor of the sparse run and of the dense-executor run.
         device, dtype: Where and in what precision everything runs.
 
     Returns:
-        One row per config: method, config, tokens, density, plan_ms, dense_sdpa_ms, dense_flex_ms, sparse_ms,
-        plan_over_dense_sdpa, plan_over_dense_flex, plan_over_sparse.
+        One row per config: method, config, tokens, density, plan_ms, dense_sdpa_ms, dense_executor_ms, sparse_ms,
+        plan_over_dense_sdpa, plan_over_dense_executor, plan_over_sparse.
     """
     device = torch.device(device)
     q, k, v = (
@@ -94,7 +98,7 @@ def measure_plan_cost(
         warmup=1,
         device=device,
     )
-    dense_flex: dict[int, float] = {}
+    dense_executor: dict[int, float] = {}
     rows = []
     with torch.no_grad():
         for config in configs:
@@ -109,9 +113,9 @@ def measure_plan_cost(
             )
             plan = spec.plan(q, k, layout, config, ctx)
             bs = plan.block_size
-            if bs not in dense_flex:
+            if bs not in dense_executor:
                 full = BlockPlan.full(layout.seq_len, bs, device=device)
-                dense_flex[bs] = median_ms(
+                dense_executor[bs] = median_ms(
                     lambda full=full: block_sparse_attention(q, k, v, full, backend=backend),
                     repeats=repeats,
                     warmup=1,
@@ -133,13 +137,14 @@ def measure_plan_cost(
                     "head_dim": head_dim,
                     "batch": batch,
                     "device": str(device),
+                    "threads": torch.get_num_threads(),
                     "density": plan.density(),
                     "plan_ms": plan_ms,
                     "dense_sdpa_ms": dense_sdpa,
-                    "dense_flex_ms": dense_flex[bs],
+                    "dense_executor_ms": dense_executor[bs],
                     "sparse_ms": sparse_ms,
                     "plan_over_dense_sdpa": plan_ms / dense_sdpa,
-                    "plan_over_dense_flex": plan_ms / dense_flex[bs],
+                    "plan_over_dense_executor": plan_ms / dense_executor[bs],
                     "plan_over_sparse": plan_ms / sparse_ms,
                 }
             )
@@ -149,8 +154,8 @@ def measure_plan_cost(
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of :func:`measure_plan_cost` rows."""
     lines = [
-        "| method | options | tokens | density | plan ms | dense SDPA ms | dense flex ms | sparse ms | "
-        "plan / dense SDPA | plan / dense flex | plan / sparse |",
+        "| method | options | tokens | density | plan ms | dense SDPA ms | dense executor ms | sparse ms | "
+        "plan / dense SDPA | plan / dense executor | plan / sparse |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -158,8 +163,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if v not in (None, 0) or k == "density")
         lines.append(
             f"| {r['method']} | {opts} | {r['tokens']} | {r['density']:.3f} | {r['plan_ms']:.1f} | "
-            f"{r['dense_sdpa_ms']:.0f} | {r['dense_flex_ms']:.0f} | {r['sparse_ms']:.0f} | "
-            f"{r['plan_over_dense_sdpa']:.2%} | {r['plan_over_dense_flex']:.2%} | {r['plan_over_sparse']:.2%} |"
+            f"{r['dense_sdpa_ms']:.0f} | {r['dense_executor_ms']:.0f} | {r['sparse_ms']:.0f} | "
+            f"{r['plan_over_dense_sdpa']:.2%} | {r['plan_over_dense_executor']:.2%} | {r['plan_over_sparse']:.2%} |"
         )
     return "\n".join(lines)
 
@@ -176,9 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for the whole run (plan and attention alike); default: torch's own choice",
+    )
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     configs = [parse_method_spec(s) for s in args.methods]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = []
     for g in args.geometry:
         grid = tuple(int(x) for x in g.lower().split("x"))

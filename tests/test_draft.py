@@ -378,3 +378,23 @@ def test_apply_on_tiny_wan_runs_draft_with_its_warm_up():
     assert {r["reason"] for r in rows if r["step"] == 0 and r["layer"] == 1} == {"dense_above_timestep"}
     sparse = [r for r in rows if r["sparse"]]
     assert {r["step"] for r in sparse} == {1, 2} and all(0.25 <= r["density"] < 1 for r in sparse)
+
+
+def test_plan_cost_measures_plan_against_dense():
+    from vidsparse.eval.plan_cost import format_table, measure_plan_cost
+
+    rows = measure_plan_cost(
+        [DraftConfig(block_size=64), faithful_config(block_size=64)],
+        VideoLayout(2, 8, 12),
+        heads=2,
+        head_dim=16,
+        repeats=1,
+        warmup=1,
+        backend="reference",
+    )
+    assert [r["config"]["faithful"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["plan_ms"] > 0 and r["dense_sdpa_ms"] > 0 and r["sparse_ms"] > 0
+        assert r["plan_over_dense_sdpa"] == pytest.approx(r["plan_ms"] / r["dense_sdpa_ms"])
+        assert 0 < r["density"] < 1
+    assert format_table(rows).count("\n") == 3
