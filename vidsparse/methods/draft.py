@@ -193,9 +193,13 @@ def region_order(layout: VideoLayout, region_rows: int, device: torch.device | s
     Serpentine bands of ``region_rows`` rows, column by column, odd frames reversed (module docstring).
 
     Returns:
-        int64 ``[T'*H'*W']``: position ``p`` holds raster video token ``order[p]`` (cached per geometry and
-        device; do not modify).
+        int64 ``[T'*H'*W']``: position ``p`` holds raster video token ``order[p]`` (a copy of the cached order).
     """
+    return _cached_region_order(layout, region_rows, device).clone()
+
+
+def _cached_region_order(layout: VideoLayout, region_rows: int, device: torch.device | str | None) -> torch.Tensor:
+    """The cached region order itself (shared: callers must not modify it)."""
     check_int("region_rows", region_rows, minimum=1)
     return _region_order(layout.frames, layout.height, layout.width, region_rows, str(torch.device(device or "cpu")))
 
@@ -421,7 +425,7 @@ def plan(
         )
     bs = config.block_size
     rows = config.region_rows or default_region_rows(layout.height, layout.width, bs)
-    order = region_order(layout, rows, q.device)
+    order = _cached_region_order(layout, rows, q.device)
     probs = draft_map(q, k, layout, order, bs, key_variance=config.key_variance and not config.faithful)
     if config.faithful:
         mask = select_faithful(probs, config.density)
@@ -436,7 +440,7 @@ def plan(
         "region_rows": min(rows, layout.height),
         "regions": probs.shape[-1],
     }
-    return finalize_plan(mask, layout, bs, video_order=region_order(layout, rows), meta=meta)
+    return finalize_plan(mask, layout, bs, video_order=_cached_region_order(layout, rows, "cpu"), meta=meta)
 
 
 METHOD = MethodSpec(
