@@ -449,4 +449,5 @@ METHOD = MethodSpec(
     plan,
     static=False,
     summary="pooled draft attention map over regions picks the top density fraction of region pairs",
+    targets_density=True,
 )
