@@ -29,6 +29,7 @@ _METHOD_MODULES: dict[str, str] = {
     "window": "vidsparse.methods.window",
     "moba": "vidsparse.methods.moba",
     "radial": "vidsparse.methods.radial",
+    "draft": "vidsparse.methods.draft",
 }
 
 
