@@ -360,9 +360,10 @@ def test_pipeline_reuse_refresh_reset_and_density(pipe):
 
 
 def test_pipeline_shared_contexts(pipe):
-    with vidsparse.apply(pipe, "cached", density=0.25, dense_steps=1, share_contexts=True):
+    with vidsparse.apply(pipe, "cached", density=0.25, dense_steps=1, share_contexts=True) as handle:
         snapshots = []
         _generate(pipe, 4, snapshots)
+        assert handle.runtime.shared_stores == {}  # reset at the end of the generation, like the per-context stores
     final = snapshots[-1]
     for layer in range(2):
         # split CFG: cond runs first at every step and searches; uncond reuses (one search per schedule point)

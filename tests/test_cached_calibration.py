@@ -326,6 +326,40 @@ def test_apply_with_a_pattern_file_runs_the_calibrated_plans(pipe, tmp_path):
     assert expected[0] < 0.7  # the window/temporal heads of layer 0 really are sparse
 
 
+def test_two_expert_file_gives_each_expert_its_patterns(tmp_path):
+    p = tiny.build("wan2.2")
+    p.set_progress_bar_config(disable=True)
+    layout = VideoLayout(5, 8, 12)
+    t1, t2 = p.transformer, p.transformer_2
+    kinds = torch.tensor([[[WINDOW, WINDOW], [WINDOW, WINDOW]], [[DENSE, DENSE], [DENSE, DENSE]]], dtype=torch.int32)
+    patterns = PatternFile(
+        kinds,
+        torch.zeros(2, 2, 2, 2, dtype=torch.int32),
+        torch.zeros(2, 2, 2, 8, dtype=torch.bool),
+        torch.ones(2, 2, 2),
+        torch.ones(2, 2, 2),
+        (type(t1).__name__, type(t2).__name__),
+        (model_fingerprint(t1), model_fingerprint(t2)),
+        layout.grid,
+        64,
+    )
+    path = patterns.save(tmp_path / "experts.safetensors")
+    window = float((patterns.video_mask(0, 0, layout)[0] | torch.eye(8, dtype=torch.bool)).float().mean())
+    with vidsparse.apply(p, "cached", patterns=str(path), dense_steps=0) as handle:
+        _generate(p, steps=4)
+        rows = [r for r in handle.stats() if r["sparse"]]
+    assert {r["model"] for r in rows} == {0, 1}
+    for r in rows:
+        assert r["density"] == pytest.approx(window if r["model"] == 0 else 1.0)
+
+
+def test_patterns_path_from_the_command_line_syntax(tmp_path, pipe):
+    from vidsparse.methods import parse_method_spec
+
+    path = _file_for(pipe.transformer, torch.zeros(2, 2), torch.zeros(2, 2, 2)).save(tmp_path / "p.safetensors")
+    assert parse_method_spec(f"cached:patterns={path}").patterns == str(path)  # "a/b/c" is not split into a tuple
+
+
 # ------------------------------------------------------------------------------------------- the command
 
 

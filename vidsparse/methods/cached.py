@@ -117,6 +117,9 @@ class CachedConfig(SparseConfig):
                 check_int(f"tile {axis}", value, minimum=1)
             object.__setattr__(self, "tile", tuple(self.tile))
         check_choice("storage", self.storage, STORAGE_FORMATS)
+        if isinstance(self.patterns, tuple):
+            # The CLI's option syntax reads "a/b/c" as a tuple: a path given as patterns=dir/file is joined back.
+            object.__setattr__(self, "patterns", "/".join("" if part is None else str(part) for part in self.patterns))
         if self.patterns is not None:
             if not isinstance(self.patterns, str | os.PathLike):
                 raise ValueError(f"patterns={self.patterns!r} is invalid: expected a path to a .safetensors file.")
