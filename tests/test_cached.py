@@ -166,9 +166,11 @@ def _inputs(layout, batch=1, heads=2, seed=0):
 @pytest.mark.parametrize(
     "layout",
     [
-        VideoLayout(3, 7, 9),  # 189 tokens: 3 blocks, the last partial
-        VideoLayout(3, 7, 9, text_len=11, text_position="before"),
-        VideoLayout(2, 10, 13, text_len=5, text_position="after"),
+        # 189 tokens each (3 blocks, the last partial): one FlexAttention compile serves all three (torch.compile
+        # falls back to eager after 8 shapes per process, and eager flex does not honour full-only BlockMasks).
+        VideoLayout(3, 7, 9),
+        VideoLayout(3, 7, 8, text_len=21, text_position="before"),
+        VideoLayout(3, 6, 9, text_len=27, text_position="after"),
     ],
     ids=["video", "text-before", "text-after"],
 )
@@ -299,6 +301,9 @@ def test_shared_pattern_averages_the_batch():
 # ----------------------------------------------------------------------------------------- the tiny pipeline
 
 GEOMETRY = dict(num_frames=17, height=128, width=192)  # 5 x 8 x 12 = 480 tokens: 8 blocks of 64, the last partial
+# Pipeline tests check plans and state, not executors: the reference executor keeps them off the process-wide
+# compiled FlexAttention, whose per-process recompile budget (8 graphs) the executor tests need.
+BACKEND = "reference"
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +341,7 @@ def _generate(pipe, steps, snapshots=None, **kw):
 
 
 def test_pipeline_reuse_refresh_reset_and_density(pipe):
-    with vidsparse.apply(pipe, "cached", density=0.25, dense_steps=1) as handle:
+    with vidsparse.apply(pipe, "cached", density=0.25, dense_steps=1, backend=BACKEND) as handle:
         snapshots = []
         out = _generate(pipe, 6, snapshots)
         assert torch.isfinite(out).all()
@@ -360,7 +365,7 @@ def test_pipeline_reuse_refresh_reset_and_density(pipe):
 
 
 def test_pipeline_shared_contexts(pipe):
-    with vidsparse.apply(pipe, "cached", density=0.25, dense_steps=1, share_contexts=True) as handle:
+    with vidsparse.apply(pipe, "cached", density=0.25, dense_steps=1, share_contexts=True, backend=BACKEND) as handle:
         snapshots = []
         _generate(pipe, 4, snapshots)
         assert handle.runtime.shared_stores == {}  # reset at the end of the generation, like the per-context stores
