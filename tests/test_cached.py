@@ -166,8 +166,7 @@ def _inputs(layout, batch=1, heads=2, seed=0):
 @pytest.mark.parametrize(
     "layout",
     [
-        # 189 tokens each (3 blocks, the last partial): one FlexAttention compile serves all three (torch.compile
-        # falls back to eager after 8 shapes per process, and eager flex does not honour full-only BlockMasks).
+        # 189 tokens each (3 blocks, the last partial): one FlexAttention compile serves all three.
         VideoLayout(3, 7, 9),
         VideoLayout(3, 7, 8, text_len=21, text_position="before"),
         VideoLayout(3, 6, 9, text_len=27, text_position="after"),
@@ -301,8 +300,8 @@ def test_shared_pattern_averages_the_batch():
 # ----------------------------------------------------------------------------------------- the tiny pipeline
 
 GEOMETRY = dict(num_frames=17, height=128, width=192)  # 5 x 8 x 12 = 480 tokens: 8 blocks of 64, the last partial
-# Pipeline tests check plans and state, not executors: the reference executor keeps them off the process-wide
-# compiled FlexAttention, whose per-process recompile budget (8 graphs) the executor tests need.
+# Pipeline tests check plans and state, not executors (flex vs reference is compared in test_cached.py): the
+# reference executor spares them FlexAttention compiles for per-head plan shapes.
 BACKEND = "reference"
 
 

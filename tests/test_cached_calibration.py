@@ -32,8 +32,8 @@ from vidsparse.plan import finalize_plan
 
 GRID = VideoLayout(4, 16, 16)  # 4 blocks of 64 tokens (4 token rows each) per frame, 16 blocks
 PIPE_GEOMETRY = dict(num_frames=17, height=128, width=192)  # latent 5 x 8 x 12 = 480 tokens, 8 blocks
-# Pipeline tests check plans and state, not executors: the reference executor keeps them off the process-wide
-# compiled FlexAttention, whose per-process recompile budget (8 graphs) the executor tests need.
+# Pipeline tests check plans and state, not executors (flex vs reference is compared in test_cached.py): the
+# reference executor spares them FlexAttention compiles for per-head plan shapes.
 BACKEND = "reference"
 
 

@@ -13,6 +13,9 @@ import sys
 #: Sub-command modules, in the order ``vidsparse --help`` lists them.
 COMMAND_MODULES: list[str] = [
     "vidsparse.commands.render",
+    "vidsparse.commands.compare",
+    "vidsparse.commands.lpips_weights",
+    "vidsparse.commands.eval",
     "vidsparse.commands.calibrate",
 ]
 

@@ -27,6 +27,7 @@ from vidsparse.plan import BlockPlan
 _METHOD_MODULES: dict[str, str] = {
     "dense": "vidsparse.methods.dense",
     "window": "vidsparse.methods.window",
+    "moba": "vidsparse.methods.moba",
     "cached": "vidsparse.methods.cached",
 }
 
@@ -69,6 +70,8 @@ class MethodSpec:
         plan: The planning function.
         static: True when the plan depends only on (layout, config): it is then built once per geometry.
         summary: One line for ``vidsparse models`` and the README.
+        targets_density: True when the method plans to its config's ``density`` target (so sweeps over densities
+            make sense for it); False for methods whose density follows from other options (``window``).
         check_model: Optional ``check_model(config, transformers)``, called by :func:`vidsparse.apply` before
             anything is installed: a method whose config refers to a model (a calibration file) raises a clear
             ``ValueError`` there instead of failing mid-generation.
@@ -79,6 +82,7 @@ class MethodSpec:
     plan: PlanFn
     static: bool
     summary: str
+    targets_density: bool = False
     check_model: Callable[[Any, list[torch.nn.Module]], None] | None = None
 
 

@@ -130,6 +130,8 @@ class CachedConfig(SparseConfig):
                 )
             if self.calibration is not None:
                 raise ValueError("patterns and calibration are exclusive: a calibration run records, it does not load.")
+            if self.tile is not None:
+                raise ValueError(f"tile={self.tile!r} cannot be combined with patterns: the file sets the token order.")
         elif self.calibration is None and self.density is None and self.recall is None:
             raise ValueError(
                 "density=None and recall=None: the online search needs a density, a recall target, or "
@@ -544,5 +546,6 @@ METHOD = MethodSpec(
     static=False,
     summary="search the exact block pattern once and reuse it across steps (AdaSpa), or load calibrated per-head "
     "pattern types (Sparse-vDiT)",
+    targets_density=True,
     check_model=check_model,
 )
