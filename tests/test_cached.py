@@ -378,3 +378,21 @@ def test_pipeline_shared_contexts(pipe):
 def test_make_config_by_name():
     cfg = make_config("cached", density=0.3, recall=0.9)
     assert isinstance(cfg, CachedConfig) and cfg.density == 0.3 and cfg.recall == 0.9
+
+
+def test_drift_and_memory_report_functions():
+    from vidsparse.eval.cached_report import drift_rows, format_drift_table, format_memory, memory_row
+
+    rows = drift_rows(VideoLayout(3, 7, 9), steps=2, drift=0.5, heads=2, head_dim=16, backend="reference")
+    by = {(r["step"], r["selection"], r["kind"]): r for r in rows}
+    assert len(rows) == 2 * 2 * 2  # steps x selections x (reused, fresh)
+    assert (
+        by[(1, "density 0.25", "reused")]["searched_at"] == 0 and by[(1, "density 0.25", "fresh")]["searched_at"] == 1
+    )
+    assert by[(0, "recall 0.9", "reused")]["recall"] == by[(0, "recall 0.9", "fresh")]["recall"] >= 0.9
+    assert by[(1, "recall 0.9", "fresh")]["recall"] >= 0.9
+    assert "| 1 | 0.50 |" in format_drift_table(rows)
+    row = memory_row((2, 8, 8), heads=4, layers=3, density=0.5)  # 2 blocks of 64
+    assert row["bits_bytes_per_layer"] == 4 * 2 * 1  # one byte holds a row of 2 blocks
+    assert row["indices_bytes_per_layer"] == 4 * 2 * 4 + 4 * 2 * 2 * 4  # kv_num + kv_idx (rows of 2)
+    assert "3 layers" in format_memory(row)
