@@ -17,6 +17,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.lpips_weights",
     "vidsparse.commands.eval",
     "vidsparse.commands.plan",
+    "vidsparse.commands.calibrate",
 ]
 
 

@@ -101,7 +101,8 @@ class SparseRuntime:
         self.num_steps_override: int | None = None
         self.current: CallInfo | None = None
         self.records: list[CallRecord] = []
-        self.stores: dict[tuple[int, int, str], dict[str, Any]] = {}
+        self.stores: dict[tuple[int, int, str], dict[str, Any]] = {}  # (model, layer, context) -> store
+        self.shared_stores: dict[tuple[int, int], dict[str, Any]] = {}  # (model, layer) -> store of all contexts
         self.record_stats = True
 
     # ------------------------------------------------------------------------------------------- lifecycle
@@ -109,6 +110,7 @@ class SparseRuntime:
         """Forget step counters and per-layer method state (cached patterns): a new generation starts."""
         self.state_manager.reset()
         self.stores.clear()
+        self.shared_stores.clear()
         self.current = None
 
     def clear_stats(self) -> None:
@@ -186,7 +188,16 @@ class SparseRuntime:
         info = self.call_info(attn)
         layer = attn._vidsparse_layer
         store = self.stores.setdefault((info.model_index, layer, info.context), {})
-        ctx = PlanContext(layer=layer, step=info.step, num_steps=info.num_steps, context=info.context, store=store)
+        shared = self.shared_stores.setdefault((info.model_index, layer), {})
+        ctx = PlanContext(
+            layer=layer,
+            step=info.step,
+            num_steps=info.num_steps,
+            context=info.context,
+            store=store,
+            model=info.model_index,
+            shared=shared,
+        )
         start = time.perf_counter()
         plan = build_plan(config, q, k, layout, ctx)
         if self.record_stats:

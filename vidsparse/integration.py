@@ -15,7 +15,7 @@ import torch
 
 from .config import SparseConfig
 from .hooks import SparseRuntime, VidSparseRootHook, install_root_hook, remove_root_hook
-from .methods import make_config
+from .methods import get_method, make_config
 
 #: Pipeline attributes that hold denoising transformers (Wan 2.2 A14B has two experts).
 TRANSFORMER_ATTRIBUTES: tuple[str, ...] = ("transformer", "transformer_2")
@@ -129,6 +129,9 @@ def _install(pipe_or_transformer: Any, config: SparseConfig | None, num_steps: i
 
     transformers = transformers_of(pipe_or_transformer)
     adapters = [adapter_for(t) for t in transformers]  # fails before anything is touched
+    check_model = get_method(config.method).check_model if config is not None else None
+    if check_model is not None:
+        check_model(config, transformers)  # e.g. a calibration file made for another model: refused here
     for t in transformers:
         if getattr(t, "_vidsparse_handle", None) is not None:
             raise RuntimeError(
