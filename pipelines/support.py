@@ -1,0 +1,238 @@
+"""Running methods on the tiny pipelines: the support check behind the test suite and ``vidsparse models``.
+
+One place decides how a tiny pipeline is called (:func:`generation_kwargs`: the family's extra arguments, inputs such
+as an I2V image, guidance), which options a method gets on tiny geometries (:func:`tiny_method_config`), and what
+"this method runs on this family" means (:func:`check_support`): a full tiny generation through the sparse path, a
+finite result, sparse self-attention calls, and a measured density near the method's target. The test suite asserts
+exactly these results, and ``vidsparse models --markdown`` prints them as the README's support matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vidsparse.config import SparseConfig
+from vidsparse.methods import get_method, make_config, method_names
+
+from .tiny import TinySpec, build, get_spec
+from .tiny import tiny_names as all_tiny_names
+
+#: Method options for tiny geometries (a few hundred video tokens: 5-8 blocks of 64), keyed by method name. Methods
+#: not listed get only the shared defaults of :func:`tiny_method_config`.
+TINY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "window": {"window": 0},
+}
+
+#: Target density given to methods that have one, on the tiny pipelines.
+TINY_DENSITY = 0.5
+
+#: How far the measured mean density of sparse calls may lie from a method's target on the tiny geometries, where a
+#: plan has only 25-64 video block pairs (one pair is 1.5-4 % of the density).
+DENSITY_TOLERANCE = 0.2
+
+def has_density_target(config: SparseConfig) -> bool:
+    """True when the method plans toward ``config.density`` (the shared field is None or unused otherwise)."""
+    defaults = type(config)()
+    return config.method != "dense" and defaults.density is not None
+
+
+def tiny_method_config(method: str, **overrides: Any) -> SparseConfig:
+    """The config ``method`` runs with on the tiny pipelines.
+
+    Sparse from the first step and layer (``dense_steps = dense_last_steps = dense_layers = 0``, no timestep or
+    token-count warm-up), ``density = 0.5`` when the method has a density target, then :data:`TINY_METHOD_OPTIONS`
+    and ``overrides``.
+    """
+    spec = get_method(method)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    options: dict[str, Any] = {
+        "dense_steps": 0,
+        "dense_last_steps": 0,
+        "dense_layers": 0,
+        "dense_above_timestep": None,
+        "min_tokens": 0,
+    }
+    if has_density_target(spec.config_cls()):
+        options["density"] = TINY_DENSITY
+    options.update(TINY_METHOD_OPTIONS.get(method, {}))
+    options.update(overrides)
+    return make_config(method, **{k: v for k, v in options.items() if k in fields or k in overrides})
+
+
+def generation_kwargs(
+    pipe: Any,
+    spec: TinySpec,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    prompt: str | list[str] | None = None,
+    negative_prompt: str | list[str] | None = "",
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    output_type: str = "latent",
+    **extra: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for ``pipe(**kwargs)``: the spec's defaults, its extra arguments and inputs, the caller's.
+
+    Arguments the pipeline does not take are dropped (e.g. ``guidance_scale`` for HunyuanVideo 1.5, whose guidance
+    lives in its ``guider``: it is set there instead). ``extra`` is passed as given (and wins over the spec).
+    """
+    height = height or spec.height
+    width = width or spec.width
+    kwargs: dict[str, Any] = dict(spec.call_kwargs)
+    if spec.inputs is not None:
+        kwargs.update(spec.inputs(height, width))
+    kwargs.update(
+        prompt=prompt or spec.prompt,
+        negative_prompt=negative_prompt,
+        num_frames=frames or spec.frames,
+        height=height,
+        width=width,
+        num_inference_steps=steps or spec.steps,
+        guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type=output_type,
+    )
+    params = inspect.signature(pipe.__call__).parameters
+    if "guidance_scale" not in params and getattr(pipe, "guider", None) is not None:
+        pipe.guider.guidance_scale = kwargs["guidance_scale"]
+    kwargs = {k: v for k, v in kwargs.items() if k in params}
+    kwargs.update(extra)
+    return kwargs
+
+
+def generate(pipe: Any, spec: TinySpec, **kwargs: Any) -> torch.Tensor:
+    """Run ``pipe`` with :func:`generation_kwargs` and return the frames (latents by default)."""
+    out = pipe(**generation_kwargs(pipe, spec, **kwargs))
+    return out.frames if hasattr(out, "frames") else out[0]
+
+
+@dataclass
+class SupportResult:
+    """One (tiny pipeline, method) check.
+
+    Attributes:
+        tiny: Tiny pipeline name; family: its adapter's family; method: method name.
+        ok: The generation finished, the output is finite, self-attention ran sparse, the density is on target.
+        sparse_calls, calls: Self-attention calls through the sparse path / all self-attention calls.
+        density: Mean measured density of the sparse calls.
+        target: The method's density target, when it has one.
+        contexts: Cache-context names seen (``cond``/``uncond``: split CFG; ``cond_uncond``: batched).
+        seconds: Wall time of the generation.
+        error: Why ``ok`` is False.
+    """
+
+    tiny: str
+    family: str
+    method: str
+    ok: bool = False
+    sparse_calls: int = 0
+    calls: int = 0
+    density: float | None = None
+    target: float | None = None
+    contexts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly."""
+        return dataclasses.asdict(self)
+
+
+def check_support(
+    pipe: Any, spec: TinySpec, config: SparseConfig, *, steps: int = 2, **generation: Any
+) -> tuple[SupportResult, torch.Tensor | None]:
+    """Run one tiny generation with ``config`` applied and judge it (see :class:`SupportResult`).
+
+    The handle is removed afterwards, whatever happens. Returns the result and the output (None on error).
+    """
+    import vidsparse
+
+    result = SupportResult(spec.name, spec.family, config.method)
+    target = config.density if has_density_target(config) else None
+    result.target = target
+    out = None
+    start = time.perf_counter()
+    try:
+        with vidsparse.apply(pipe, config) as handle:
+            out = generate(pipe, spec, steps=steps, **generation)
+            summary = handle.summary()
+            rows = handle.stats()
+    except Exception as err:  # reported in the matrix, re-raised by the tests through `ok`
+        result.error = f"{type(err).__name__}: {err}"
+        return result, None
+    result.seconds = time.perf_counter() - start
+    result.sparse_calls, result.calls = summary["sparse_calls"], summary["calls"]
+    result.density = summary["sparse_density"]
+    result.contexts = sorted({r["context"] for r in rows})
+    problems = []
+    if not bool(torch.isfinite(out).all()):
+        problems.append("non-finite output")
+    if result.sparse_calls == 0:
+        problems.append("no self-attention call ran sparse")
+    if target is not None and result.density is not None and abs(result.density - target) > DENSITY_TOLERANCE:
+        problems.append(f"measured density {result.density:.3f} is not within {DENSITY_TOLERANCE} of {target}")
+    result.ok = not problems
+    result.error = "; ".join(problems) or None
+    return result, out
+
+
+def support_matrix(
+    tiny_names: list[str] | None = None, methods: list[str] | None = None, *, steps: int = 2, seed: int = 0
+) -> list[SupportResult]:
+    """:func:`check_support` for every (tiny pipeline, method): one tiny generation each.
+
+    Args:
+        tiny_names: Tiny pipelines (default: all of them, :func:`~vidsparse.pipelines.tiny.tiny_names`).
+        methods: Method names (default: all registered).
+        steps: Denoising steps per generation.
+    """
+    results = []
+    for name in tiny_names or all_tiny_names():
+        spec = get_spec(name)
+        pipe = build(name, seed=seed)
+        pipe.set_progress_bar_config(disable=True)
+        for method in methods or method_names():
+            result, _ = check_support(pipe, spec, tiny_method_config(method), steps=steps, seed=seed)
+            results.append(result)
+    return results
+
+
+def matrix_markdown(results: list[SupportResult]) -> str:
+    """The support matrix as a markdown table: one row per tiny pipeline, one column per method.
+
+    A cell is ``✓ 0.52`` (supported; measured density of the sparse calls) or ``✗`` with the reason in a footnote.
+    """
+    methods = list(dict.fromkeys(r.method for r in results))
+    rows: dict[tuple[str, str], dict[str, SupportResult]] = {}
+    for r in results:
+        rows.setdefault((r.family, r.tiny), {})[r.method] = r
+    notes: list[str] = []
+    lines = [
+        "| family | tiny pipeline | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for (family, tiny), cells in rows.items():
+        shown = []
+        for method in methods:
+            r = cells.get(method)
+            if r is None:
+                shown.append("")
+            elif r.ok:
+                density = "" if r.density is None or math.isnan(r.density) else f" {r.density:.2f}"
+                shown.append(f"✓{density}")
+            else:
+                notes.append(f"{tiny} / {method}: {r.error}")
+                shown.append(f"✗[{len(notes)}]")
+        lines.append(f"| {family} | tiny-{tiny} | " + " | ".join(shown) + " |")
+    lines += [f"\n[{i}] {note}" for i, note in enumerate(notes, 1)]
+    return "\n".join(lines)
