@@ -37,6 +37,7 @@ TINY_DENSITY = 0.5
 #: plan has only 25-64 video block pairs (one pair is 1.5-4 % of the density).
 DENSITY_TOLERANCE = 0.2
 
+
 def has_density_target(config: SparseConfig) -> bool:
     """True when the method plans toward ``config.density`` (the shared field is None or unused otherwise)."""
     defaults = type(config)()
