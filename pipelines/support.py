@@ -188,7 +188,12 @@ def check_support(
 
 
 def support_matrix(
-    tiny_names: list[str] | None = None, methods: list[str] | None = None, *, steps: int = 2, seed: int = 0
+    tiny_names: list[str] | None = None,
+    methods: list[str] | None = None,
+    *,
+    steps: int = 2,
+    seed: int = 0,
+    **config_overrides: Any,
 ) -> list[SupportResult]:
     """:func:`check_support` for every (tiny pipeline, method): one tiny generation each.
 
@@ -196,6 +201,8 @@ def support_matrix(
         tiny_names: Tiny pipelines (default: all of them, :func:`~vidsparse.pipelines.tiny.tiny_names`).
         methods: Method names (default: all registered).
         steps: Denoising steps per generation.
+        seed: Weights and noise seed.
+        **config_overrides: Options for every method's config (e.g. ``backend="reference"``).
     """
     results = []
     for name in tiny_names or all_tiny_names():
@@ -203,7 +210,8 @@ def support_matrix(
         pipe = build(name, seed=seed)
         pipe.set_progress_bar_config(disable=True)
         for method in methods or method_names():
-            result, _ = check_support(pipe, spec, tiny_method_config(method), steps=steps, seed=seed)
+            config = tiny_method_config(method, **config_overrides)
+            result, _ = check_support(pipe, spec, config, steps=steps, seed=seed)
             results.append(result)
     return results
 

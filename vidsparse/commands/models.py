@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--method", action="append", default=None, metavar="NAME", help="matrix columns (default: all)")
     p.add_argument("--steps", type=int, default=2, help="denoising steps per matrix generation (default: %(default)s)")
+    p.add_argument("--backend", default="auto", help="executor for the matrix runs (default: %(default)s)")
     p.add_argument("--results-json", default=None, metavar="PATH", help="also write the matrix results as JSON here")
     p.set_defaults(func=run)
 
@@ -80,8 +81,8 @@ def _print_text(info: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the listing, or run and print the support matrix."""
     if not args.markdown:
-        if args.tiny or args.method or args.results_json:
-            raise ValueError("--tiny, --method and --results-json only apply with --markdown")
+        if args.tiny or args.method or args.results_json or args.backend != "auto":
+            raise ValueError("--tiny, --method, --backend and --results-json only apply with --markdown")
         info = listing()
         if args.json:
             print(json.dumps(info, indent=2))
@@ -99,10 +100,11 @@ def run(args: argparse.Namespace) -> int:
         get_method(name)
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} is invalid: expected an integer >= 1.")
-    results = support_matrix(args.tiny, args.method, steps=args.steps)
+    results = support_matrix(args.tiny, args.method, steps=args.steps, backend=args.backend)
     print(matrix_markdown(results))
     print(
-        f"\nMeasured by `vidsparse models --markdown --steps {args.steps}`: one {args.steps}-step tiny generation per "
+        f"\nMeasured by `vidsparse models --markdown --steps {args.steps} --backend {args.backend}`: one "
+        f"{args.steps}-step tiny generation per "
         "cell (random weights, CPU), method options from vidsparse.pipelines.support.tiny_method_config; the number "
         "is the mean measured density of the sparse self-attention calls."
     )
