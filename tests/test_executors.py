@@ -102,3 +102,16 @@ def test_public_attention_and_errors():
     bad = random_plan(100, 64, b=3, seed=1)
     with pytest.raises(ValueError, match="broadcast"):
         vidsparse.attention(q, k, v, bad, backend="reference")
+
+
+def test_flex_never_falls_back_to_eager_after_many_shapes():
+    """Dynamo runs a function eagerly once its recompile limit is hit, and eager FlexAttention ignores the block
+    lists (dense result). The flex executor raises the limit for its own calls: with a global limit of 1, a second
+    shape must still be computed sparse, not silently dense."""
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for seq_len in (130, 194):  # two new shapes: the second would exceed a limit of 1
+            q, k, v = qkv(1, seq_len, 1, 16, seed=seq_len)
+            plan = random_plan(seq_len, 64, density=0.3, seed=seq_len)
+            ref = block_sparse_attention(q, k, v, plan, backend="reference")
+            out = block_sparse_attention(q, k, v, plan, backend="flex")
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
