@@ -151,17 +151,21 @@ class SupportResult:
 
 def check_support(
     pipe: Any, spec: TinySpec, config: SparseConfig, *, steps: int = 2, **generation: Any
-) -> tuple[SupportResult, torch.Tensor | None]:
+) -> tuple[SupportResult, torch.Tensor | None, list[dict[str, Any]]]:
     """Run one tiny generation with ``config`` applied and judge it (see :class:`SupportResult`).
 
-    The handle is removed afterwards, whatever happens. Returns the result and the output (None on error).
+    The handle is removed afterwards, whatever happens.
+
+    Returns:
+        ``(result, output, stats)``: the judgement, the generated frames (None on error) and the handle's per-call
+        statistics (:meth:`vidsparse.SparseHandle.stats`).
     """
     import vidsparse
 
     result = SupportResult(spec.name, spec.family, config.method)
     target = config.density if has_density_target(config) else None
     result.target = target
-    out = None
+    out, rows = None, []
     start = time.perf_counter()
     try:
         with vidsparse.apply(pipe, config) as handle:
@@ -170,7 +174,7 @@ def check_support(
             rows = handle.stats()
     except Exception as err:  # reported in the matrix, re-raised by the tests through `ok`
         result.error = f"{type(err).__name__}: {err}"
-        return result, None
+        return result, None, rows
     result.seconds = time.perf_counter() - start
     result.sparse_calls, result.calls = summary["sparse_calls"], summary["calls"]
     result.density = summary["sparse_density"]
@@ -184,7 +188,7 @@ def check_support(
         problems.append(f"measured density {result.density:.3f} is not within {DENSITY_TOLERANCE} of {target}")
     result.ok = not problems
     result.error = "; ".join(problems) or None
-    return result, out
+    return result, out, rows
 
 
 def support_matrix(
@@ -211,7 +215,7 @@ def support_matrix(
         pipe.set_progress_bar_config(disable=True)
         for method in methods or method_names():
             config = tiny_method_config(method, **config_overrides)
-            result, _ = check_support(pipe, spec, config, steps=steps, seed=seed)
+            result, _, _ = check_support(pipe, spec, config, steps=steps, seed=seed)
             results.append(result)
     return results
 

@@ -23,6 +23,7 @@ import torch
 
 import vidsparse
 from vidsparse.cli import main
+from vidsparse.integration import transformers_of
 from vidsparse.methods import method_names
 from vidsparse.pipelines import adapter_for, base, hunyuan_video, tiny
 from vidsparse.pipelines.support import check_support, generate, tiny_method_config
@@ -103,7 +104,7 @@ def test_dense_equals_stock_counts_steps_and_remove_restores(prepared, name):
     pipe, spec = prepared.pipe(name), tiny.get_spec(name)
     stock = prepared.stock(name)
     adapter = adapter_for(pipe.transformer)
-    transformers = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+    transformers = transformers_of(pipe)
     before = [processors(t) for t in transformers]
 
     handle = vidsparse.apply(pipe, "dense", backend=BACKEND)
@@ -137,10 +138,12 @@ def test_dense_equals_stock_counts_steps_and_remove_restores(prepared, name):
 def test_method_runs_full_generation_near_target_density(prepared, name, method):
     pipe, spec = prepared.pipe(name), tiny.get_spec(name)
     config = tiny_method_config(method, backend=BACKEND)
-    result, out = check_support(pipe, spec, config, steps=STEPS, **CASES[name])
+    result, out, rows = check_support(pipe, spec, config, steps=STEPS, **CASES[name])
     assert result.ok, result.error
     assert result.sparse_calls == result.calls > 0  # no warm-up in the tiny configs: every call is sparse
-    assert set(result.contexts) == set(adapter_for(pipe.transformer).cfg_contexts)
+    adapter = adapter_for(pipe.transformer)
+    transformers = transformers_of(pipe)
+    assert_step_counting(rows, adapter.cfg_contexts, [len(adapter.attention_modules(t)) for t in transformers])
     if result.density < 1.0:  # a pattern that drops blocks must change a random-weight model's output
         assert (out - prepared.stock(name)).abs().max() > 1e-5
 
@@ -190,7 +193,7 @@ def test_skyreels_diffusion_forcing_mask_is_anded(prepared):
         rows = handle.stats()
     torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
     assert rows and all(r["sparse"] for r in rows)  # the mask was turned into causal groups, never dense fallback
-    result, _ = check_support(pipe, spec, tiny_method_config("window", backend=BACKEND), steps=STEPS)
+    result, _, _ = check_support(pipe, spec, tiny_method_config("window", backend=BACKEND), steps=STEPS)
     assert result.ok and result.sparse_calls == result.calls, result.error
 
 
