@@ -6,6 +6,11 @@ pipelines exercise the integration (hooks, processors, step counting, masks) exa
 
     pipe = vidsparse.pipelines.tiny.build("wan")
     video = pipe("a red circle moves left", num_frames=9, height=64, width=64, num_inference_steps=4).frames[0]
+
+One per model family (``tiny_names()``): ``wan``, ``wan2.2`` (two experts), ``wan_i2v``, ``skyreels_v2``,
+``skyreels_v2_df`` (diffusion forcing), ``cogvideox``, ``cogvideox_1.5``, ``hunyuan_video``, ``hunyuan_video_1.5``,
+``ltx``, ``mochi``. Some need extra call arguments (short text lengths, a prompt template, an I2V image): the spec's
+``call_kwargs`` / ``inputs``, which :func:`vidsparse.pipelines.support.generation_kwargs` adds for you.
 """
 
 from __future__ import annotations
