@@ -315,8 +315,10 @@ class SparseProcessorMixin:
         runtime = getattr(attn, "_vidsparse_runtime", None)
         if runtime is None:
             raise RuntimeError(
-                "This vidsparse processor runs without its root hook. Install it with "
-                "`vidsparse.apply(pipe, method)` (or `vidsparse.attach(pipe)` after `set_attn_processor`)."
+                f"This vidsparse processor runs without its root hook on a {type(attn).__name__}. Install it with "
+                "`vidsparse.apply(pipe, method)` (or `vidsparse.attach(pipe)` after `set_attn_processor`), and only "
+                "on the family's sparse modules (`vidsparse models`): e.g. HunyuanVideo's token refiner is not one, "
+                "so pass `set_attn_processor` a dict for transformer_blocks/single_transformer_blocks there."
             )
         return runtime
 
