@@ -27,6 +27,7 @@ from vidsparse.plan import BlockPlan
 _METHOD_MODULES: dict[str, str] = {
     "dense": "vidsparse.methods.dense",
     "window": "vidsparse.methods.window",
+    "moba": "vidsparse.methods.moba",
 }
 
 
