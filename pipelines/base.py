@@ -177,7 +177,7 @@ def sequence_validity(attention_mask: torch.Tensor | None, batch: int, seq_len: 
 
     Accepts the forms diffusers' video-first joint models pass: ``[B, 1, 1, S]`` or ``[B, S]`` over the whole
     sequence (HunyuanVideo), or ``[B, T]`` over the text only, to which the video tokens in front are added as valid
-    (HunyuanVideo 1.5, Mochi). Boolean or 0/1 masks (nonzero = valid); additive float masks are not of this kind and
+    (HunyuanVideo 1.5). Boolean or 0/1 masks (nonzero = valid); additive float masks are not of this kind and
     never reach it (only cross-attention, which stays stock, receives them).
 
     Returns:
