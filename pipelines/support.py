@@ -32,6 +32,8 @@ from .tiny import tiny_names as all_tiny_names
 #: not listed get only the shared defaults of :func:`tiny_method_config`.
 TINY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "window": {"window": 0},
+    # MoBA's default threshold selection has no density target; top-k selection plans to ``density``.
+    "moba": {"selection": "topk"},
 }
 
 #: Target density given to methods that have one, on the tiny pipelines.
@@ -43,9 +45,8 @@ DENSITY_TOLERANCE = 0.1
 
 
 def has_density_target(config: SparseConfig) -> bool:
-    """True when the method plans toward ``config.density`` (the shared field is None or unused otherwise)."""
-    defaults = type(config)()
-    return config.method != "dense" and defaults.density is not None
+    """True when the method plans toward ``config.density`` (its spec says so and the config sets one)."""
+    return get_method(config.method).targets_density and config.density is not None
 
 
 @functools.cache
@@ -86,7 +87,7 @@ def tiny_method_config(method: str, **overrides: Any) -> SparseConfig:
         "dense_above_timestep": None,
         "min_tokens": 0,
     }
-    if has_density_target(spec.config_cls()):
+    if spec.targets_density:
         options["density"] = TINY_DENSITY
     options.update(TINY_METHOD_OPTIONS.get(method, {}))
     options.update(overrides)

@@ -16,6 +16,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.compare",
     "vidsparse.commands.lpips_weights",
     "vidsparse.commands.models",
+    "vidsparse.commands.eval",
 ]
 
 
