@@ -43,6 +43,11 @@ TINY_DENSITY = 0.5
 #: geometries (:func:`reachable_density`), where a plan has only 16-64 video block pairs (one pair is 1.5-6 %).
 DENSITY_TOLERANCE = 0.1
 
+#: Wider tolerances where a method's unit is coarser than a plan block on tiny grids, keyed by method name. MoBA
+#: routes whole chunks (2-5 per tiny grid) and keeps every plan block a selected chunk touches, a superset of its
+#: selection (see :mod:`vidsparse.methods.moba`); on 5x8x11 grids that adds 0.1-0.15 to top-k's density.
+METHOD_DENSITY_TOLERANCE: dict[str, float] = {"moba": 0.2}
+
 
 def has_density_target(config: SparseConfig) -> bool:
     """True when the method plans toward ``config.density`` (its spec says so and the config sets one)."""
@@ -215,9 +220,10 @@ def check_support(
         sparse = [r for r in rows if r["sparse"]]
         floor = sum(density_floor(r["tokens"], r["text_tokens"], config.block_size) for r in sparse) / len(sparse)
         low, high = reachable_density(target, floor)
-        if not low - DENSITY_TOLERANCE <= result.density <= high + DENSITY_TOLERANCE:
+        tolerance = METHOD_DENSITY_TOLERANCE.get(config.method, DENSITY_TOLERANCE)
+        if not low - tolerance <= result.density <= high + tolerance:
             problems.append(
-                f"measured density {result.density:.3f} is outside [{low:.3f}, {high:.3f}] +- {DENSITY_TOLERANCE} "
+                f"measured density {result.density:.3f} is outside [{low:.3f}, {high:.3f}] +- {tolerance} "
                 f"(target {target}, forced floor {floor:.3f})"
             )
     result.ok = not problems
