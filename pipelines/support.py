@@ -263,15 +263,21 @@ def support_matrix(
 def matrix_markdown(results: list[SupportResult]) -> str:
     """The support matrix as a markdown table: one row per tiny pipeline, one column per method.
 
-    A cell is ``✓ 0.52`` (supported; measured density of the sparse calls) or ``✗`` with the reason in a footnote.
+    A cell is ``✓ 0.52`` (supported; measured density of the sparse calls) or ``✗`` with the reason in a footnote. A
+    column of a method with a density target shows it in the header (``moba (target 0.5)``).
     """
     methods = list(dict.fromkeys(r.method for r in results))
+    headers = []
+    for method in methods:
+        targets = {r.target for r in results if r.method == method}
+        (target,) = targets if len(targets) == 1 else (None,)
+        headers.append(method if target is None else f"{method} (target {target:g})")
     rows: dict[tuple[str, str], dict[str, SupportResult]] = {}
     for r in results:
         rows.setdefault((r.family, r.tiny), {})[r.method] = r
     notes: list[str] = []
     lines = [
-        "| family | tiny pipeline | " + " | ".join(methods) + " |",
+        "| family | tiny pipeline | " + " | ".join(headers) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
     for (family, tiny), cells in rows.items():
