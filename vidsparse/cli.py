@@ -15,6 +15,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.render",
     "vidsparse.commands.compare",
     "vidsparse.commands.lpips_weights",
+    "vidsparse.commands.models",
     "vidsparse.commands.eval",
     "vidsparse.commands.plan",
     "vidsparse.commands.calibrate",

@@ -83,6 +83,7 @@ class CallRecord:
     density: torch.Tensor | float | None = None
     plan_ms: float = 0.0
     tokens: int = 0
+    text_tokens: int = 0
 
 
 class SparseRuntime:
@@ -212,13 +213,18 @@ class SparseRuntime:
                     plan.mean_density,
                     (time.perf_counter() - start) * 1000,
                     layout.num_video_tokens,
+                    layout.text_len,
                 )
             )
         return plan
 
     # ------------------------------------------------------------------------------------------- reports
     def stats(self) -> list[dict[str, Any]]:
-        """One dict per recorded self-attention call: model, layer, step, context, sparse, reason, density, plan_ms."""
+        """One dict per recorded self-attention call.
+
+        Keys: model, layer, step, context, sparse, reason, density, plan_ms, tokens (video), text_tokens (text in the
+        same sequence, joint attention; recorded for sparse calls).
+        """
         rows = []
         for r in self.records:
             density = r.density
@@ -235,6 +241,7 @@ class SparseRuntime:
                     "density": density if r.sparse else 1.0,
                     "plan_ms": r.plan_ms,
                     "tokens": r.tokens,
+                    "text_tokens": r.text_tokens,
                 }
             )
         return rows

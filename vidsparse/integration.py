@@ -72,7 +72,7 @@ class SparseHandle:
         """One row per video self-attention call since the last :meth:`clear_stats`.
 
         Keys: model, layer, step, context, sparse (bool), reason, measured density (1.0 for dense calls), plan_ms,
-        tokens.
+        tokens (video), text_tokens (text tokens in the same attention sequence, for sparse calls).
         """
         return self.runtime.stats()
 
