@@ -4,10 +4,12 @@ One entry point, :func:`block_sparse_attention`, takes q/k/v in diffusers' ``(B,
 order, and dispatches to an executor:
 
 - ``reference``: dense SDPA with the plan's boolean mask: the specification, O(S²), for tests.
-- ``flex``: compiled FlexAttention over the plan's BlockMask: the fast path on CPU, portable to GPU.
+- ``gather``: batched dense SDPA over the gathered key/value blocks of each group of query blocks
+  (:mod:`vidsparse.kernels.gather`): the fast path on CPU (faster than compiled FlexAttention there, no compile).
+- ``flex``: compiled FlexAttention over the plan's BlockMask: portable to CPU and GPU.
 - ``triton``: the block-sparse flash-attention kernel of :mod:`vidsparse.kernels.block_sparse_attn`: the fast path
   on CUDA.
-- ``auto``: triton on CUDA, flex elsewhere; reference as a last resort, with one warning, never silently.
+- ``auto``: triton on CUDA, gather on CPU, flex elsewhere; never silently a slower executor (one warning).
 
 Executors other than ``reference`` work in *plan order*: the permutation is applied here, once, for all of them.
 """
@@ -23,6 +25,7 @@ from vidsparse.config import SUPPORTED_BACKENDS, check_choice
 from vidsparse.plan import BlockPlan
 
 from .flex import flex_block_sparse_attention
+from .gather import gather_block_sparse_attention
 from .masks import restrict_to_causal_groups
 from .reference import reference_attention
 
@@ -56,7 +59,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "triton"
         if device.type == "cuda":
             _warn_once("auto-cuda", "vidsparse: Triton kernel unavailable on CUDA; backend='auto' uses FlexAttention.")
-        return "flex"
+            return "flex"
+        # On CPU the gather executor beats compiled FlexAttention (see README, "Speed"), with no compile step.
+        return "gather" if device.type == "cpu" else "flex"
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' requested but the Triton kernel could not be imported.")
     return backend
@@ -79,7 +84,7 @@ def block_sparse_attention(
     Args:
         q, k, v: ``[B, S, H, D]`` (diffusers layout), original token order, same dtype.
         plan: Block plan for sequence length ``S``; its B and H dimensions broadcast (1 or equal to q's).
-        backend: ``"auto"``, ``"flex"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"gather"``, ``"flex"``, ``"triton"`` or ``"reference"``.
         scale: Softmax scale, default ``1/sqrt(D)``.
         return_lse: Also return the natural-log log-sum-exp per query, float32 ``[B, H, S]`` (original order).
         key_padding_mask: Optional bool ``[B, S]``; False marks keys nobody may attend (padded text). It is ANDed
@@ -139,7 +144,18 @@ def block_sparse_attention(
         if causal_groups is not None:
             causal_groups = groups_in_plan_order
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    if name == "flex":
+    if name == "gather":
+        out, lse = gather_block_sparse_attention(
+            qh,
+            kh,
+            vh,
+            plan,
+            scale=scale,
+            return_lse=return_lse,
+            key_padding_mask=key_padding_mask,
+            causal_groups=causal_groups,
+        )
+    elif name == "flex":
         out, lse = flex_block_sparse_attention(
             qh,
             kh,

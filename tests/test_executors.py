@@ -11,6 +11,9 @@ from vidsparse.plan import BlockPlan
 # Fixed shapes: flex compiles once per shape (tests vary plan *data*, never shapes, to stay fast).
 B, S, H, D = 2, 300, 3, 16
 
+#: The fast executors that run on CPU; each must match the reference exactly (float32 tolerance).
+CPU_BACKENDS = ["flex", "gather"]
+
 
 def test_reference_full_plan_equals_sdpa():
     q, k, v = qkv(B, S, H, D)
@@ -31,6 +34,7 @@ def test_reference_matches_explicit_masked_softmax():
     torch.testing.assert_close(lse[0, 0], torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
@@ -39,24 +43,25 @@ def test_reference_matches_explicit_masked_softmax():
     perm=st.booleans(),
     block_size=st.sampled_from([64, 128]),
 )
-def test_flex_matches_reference_on_random_plans(seed, density, per_head, perm, block_size):
+def test_fast_executor_matches_reference_on_random_plans(backend, seed, density, per_head, perm, block_size):
     q, k, v = qkv(B, S, H, D, seed=seed)
     plan = random_plan(
         S, block_size, b=B if per_head else 1, h=H if per_head else 1, density=density, seed=seed, perm=perm
     ).validate()
     ref = block_sparse_attention(q, k, v, plan, backend="reference")
-    out = block_sparse_attention(q, k, v, plan, backend="flex")
+    out = block_sparse_attention(q, k, v, plan, backend=backend)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_flex_key_padding_mask_is_anded():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_key_padding_mask_is_anded(backend):
     q, k, v = qkv(B, S, H, D, seed=5)
     plan = random_plan(S, 64, density=0.5, seed=5)
     keep = torch.ones(B, S, dtype=torch.bool)
     keep[0, 250:] = False  # padded keys of sample 0 (like padded text)
     keep[1, 290:] = False
     ref = block_sparse_attention(q, k, v, plan, backend="reference", key_padding_mask=keep)
-    out = block_sparse_attention(q, k, v, plan, backend="flex", key_padding_mask=keep)
+    out = block_sparse_attention(q, k, v, plan, backend=backend, key_padding_mask=keep)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # and the padding really changed the result
     assert (ref - block_sparse_attention(q, k, v, plan, backend="reference")).abs().max() > 1e-3
@@ -81,11 +86,12 @@ def test_flex_does_not_recompile_for_new_plan_data():
     assert counters["stats"]["unique_graphs"] == before
 
 
-def test_bf16_flex_close_to_fp32_reference():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_close_to_fp32_reference(backend):
     q, k, v = qkv(B, S, H, D, seed=8)
     plan = random_plan(S, 64, density=0.4, seed=8)
     ref = block_sparse_attention(q, k, v, plan, backend="reference")
-    out = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, backend="flex")
+    out = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, backend=backend)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
@@ -115,3 +121,38 @@ def test_flex_never_falls_back_to_eager_after_many_shapes():
             ref = block_sparse_attention(q, k, v, plan, backend="reference")
             out = block_sparse_attention(q, k, v, plan, backend="flex")
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gather_lse_matches_reference():
+    q, k, v = qkv(B, S, H, D, seed=9)
+    plan = random_plan(S, 64, b=B, h=H, density=0.4, seed=9, perm=True)
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, 280:] = False
+    ref, ref_lse = block_sparse_attention(q, k, v, plan, backend="reference", return_lse=True, key_padding_mask=keep)
+    out, lse = block_sparse_attention(q, k, v, plan, backend="gather", return_lse=True, key_padding_mask=keep)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [64, 1 << 16])
+def test_gather_chunking_and_shared_key_lists(chunk_tokens):
+    """Query blocks that share a key list are computed as one group; chunks of one group per call (64 tokens)
+    or all groups at once give the same exact result, text tokens and the partial tail block included."""
+    from vidsparse.kernels.gather import gather_block_sparse_attention, gather_schedule
+    from vidsparse.layout import VideoLayout
+    from vidsparse.methods import build_plan, parse_method_spec
+
+    layout = VideoLayout(4, 6, 9, text_len=11)  # 227 tokens: 4 blocks of 64, the last one partial
+    q, k, v = qkv(2, layout.seq_len, 2, D, seed=10)
+    plan = build_plan(parse_method_spec("window:window=1"), q, k, layout)
+    assert any(bucket.q_blocks.shape[1] > 1 for bucket in gather_schedule(plan, 2, 2))  # groups really formed
+    ref = block_sparse_attention(q, k, v, plan, backend="reference")
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    out, _ = gather_block_sparse_attention(qh, kh, vh, plan, chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(out.transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_uses_gather_on_cpu():
+    from vidsparse.kernels import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "gather"
