@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.eval",
     "vidsparse.commands.plan",
     "vidsparse.commands.calibrate",
+    "vidsparse.commands.bench",
 ]
 
 

@@ -1,0 +1,233 @@
+"""``vidsparse bench``: speed of sparse attention vs dense, as ratios measured in one run.
+
+vidsparse bench attention --json a.json                   # every density-targeting method x 0.1/0.25/0.5, 14k + 32k
+vidsparse bench attention --methods radial moba:selection=topk --densities 0.25 --geometry 21x30x52 --threads 1
+vidsparse bench e2e --json e.json                         # WanTransformer3DModel, dense vs each method, Amdahl bound
+
+``attention``: one attention call (B=1, 2 heads x 64 by default) per method and density: dense SDPA time, planning
+time, sparse attention time, speed-up = dense / (plan + sparse), ideal = 1/density, efficiency = speed-up / ideal.
+Medians after a warm-up; the first call (compile, plan search, executor preparation) is reported apart.
+
+``e2e``: a few denoising steps of an attention-dominated WanTransformer3DModel (real diffusers class, random
+weights), dense vs each method with its default warm-up; speed-up against the Amdahl bound from the measured
+attention share and the effective density (dense warm-up calls count 1).
+
+On a shared machine absolute times mean little: every number that matters is a ratio of timings taken back to back
+in one process. ``--threads 1`` avoids most of the cost an oversubscribed CPU adds to multi-threaded small
+operations; report the load average (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+import torch
+
+from .common import resolve_device, resolve_dtype
+
+DEFAULT_E2E_DENSITY = 0.25
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench`` with its ``attention`` and ``e2e`` sub-commands."""
+    p = sub.add_parser(
+        "bench",
+        help="speed: sparse vs dense attention (one call, and end to end), as ratios measured in one run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=lambda _args: p.print_help() or 2)
+    inner = p.add_subparsers(dest="bench_command", metavar="{attention,e2e}")
+
+    a = inner.add_parser("attention", help="one attention call per method x density x geometry")
+    _add_common_args(a)
+    a.add_argument(
+        "--densities",
+        nargs="+",
+        type=float,
+        default=[0.1, 0.25, 0.5],
+        help="densities for methods with a density target (default: %(default)s)",
+    )
+    a.add_argument(
+        "--geometry",
+        action="append",
+        default=None,
+        metavar="TxHxW",
+        help="latent token grid, repeatable (default: 9x30x52 and 21x30x52, Wan 480p at 33 and 81 frames)",
+    )
+    a.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
+    a.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
+    a.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, median (default: 3)")
+    a.add_argument("--backend", default="auto", help="executor: auto, gather, flex, triton (default: auto)")
+    a.set_defaults(func=run_attention)
+
+    e = inner.add_parser("e2e", help="a few denoising steps of WanTransformer3DModel, dense vs each method")
+    _add_common_args(e)
+    e.add_argument(
+        "--density",
+        type=float,
+        default=DEFAULT_E2E_DENSITY,
+        help="density for methods with a density target (default: %(default)s)",
+    )
+    e.add_argument("--geometry", default="9x30x52", metavar="TxHxW", help="latent token grid (default: 9x30x52)")
+    e.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    e.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
+    e.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
+    e.add_argument("--steps", type=int, default=4, help="denoising steps per generation (default: %(default)s)")
+    e.add_argument("--repeats", type=int, default=1, help="timed generations per measurement (default: 1)")
+    e.set_defaults(func=run_e2e)
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    from vidsparse.eval.bench import default_bench_methods
+
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="method specs name or name:key=value,... (default: every method with a density target: "
+        + " ".join(default_bench_methods())
+        + ")",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU, bf16 on CUDA)")
+    p.add_argument("--json", metavar="PATH", help="write the results to this JSON file (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"--{name} {value!r} is invalid: expected an integer >= 1.")
+
+
+def _setup(args: argparse.Namespace, densities: list[float]) -> tuple[list[Any], torch.device, torch.dtype]:
+    """Validate the shared options, set the threads; returns (method runs, device, dtype)."""
+    from vidsparse.commands.common import DTYPES
+    from vidsparse.eval.bench import default_bench_methods
+    from vidsparse.eval.specs import expand_methods
+
+    _check_positive("threads", args.threads)
+    _check_positive("repeats", args.repeats)
+    _check_positive("heads", args.heads)
+    _check_positive("head-dim", args.head_dim)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is invalid: expected one of {', '.join(sorted(DTYPES))}.")
+    runs = expand_methods(args.methods or default_bench_methods(), densities)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    return runs, device, resolve_dtype(args.dtype, device)
+
+
+def _progress(args: argparse.Namespace):
+    if args.quiet:
+        return None
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+def _finish(args: argparse.Namespace, report: dict[str, Any], runs: list[Any], table: str) -> int:
+    from vidsparse.eval.metrics import json_ready
+    from vidsparse.eval.results import write_json_atomic
+
+    report["command"] = shlex.join(["vidsparse", *sys.argv[1:]])
+    report["notes"] = [run.note for run in runs if run.note]
+    print(table)
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        write_json_atomic(args.json, json_ready(report))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    """``vidsparse bench attention``: print the table, write ``--json``."""
+    from vidsparse.eval.attention_suite import parse_geometry
+    from vidsparse.eval.bench import DEFAULT_GEOMETRIES, bench_attention
+
+    runs, device, dtype = _setup(args, args.densities)
+    geometries = [parse_geometry(g) for g in args.geometry] if args.geometry else list(DEFAULT_GEOMETRIES)
+    report = bench_attention(
+        [run.config for run in runs],
+        geometries,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        repeats=args.repeats,
+        device=device,
+        dtype=dtype,
+        backend=args.backend,
+        progress=_progress(args),
+    )
+    return _finish(args, report, runs, attention_table(report))
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    """``vidsparse bench e2e``: print the table, write ``--json``."""
+    from vidsparse.eval.attention_suite import parse_geometry
+    from vidsparse.eval.bench import bench_e2e
+
+    _check_positive("layers", args.layers)
+    _check_positive("steps", args.steps)
+    runs, device, dtype = _setup(args, [args.density])
+    report = bench_e2e(
+        [run.config for run in runs],
+        parse_geometry(args.geometry),
+        layers=args.layers,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        steps=args.steps,
+        repeats=args.repeats,
+        device=device,
+        dtype=dtype,
+        progress=_progress(args),
+    )
+    return _finish(args, report, runs, e2e_table(report))
+
+
+def attention_table(report: dict[str, Any]) -> str:
+    """Markdown table of a :func:`~vidsparse.eval.bench.bench_attention` report."""
+    lines = [
+        f"device: {report['device']}, torch {report['torch']}, {report['cpu_threads']} threads, "
+        f"load average {_load(report)}",
+        "",
+        "| method | tokens | density | dense ms | plan ms | sparse ms | speed-up | ideal | efficiency | first call s |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['spec']} | {r['tokens']} | {r['density']:.3f} | {r['dense_ms']:.1f} | {r['plan_ms']:.2f} | "
+            f"{r['attn_ms']:.1f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['efficiency']:.2f} | "
+            f"{r['compile_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def e2e_table(report: dict[str, Any]) -> str:
+    """Markdown table of a :func:`~vidsparse.eval.bench.bench_e2e` report."""
+    model = report["model"]
+    lines = [
+        f"WanTransformer3DModel, {model['num_layers']} layers, {model['num_attention_heads']} heads x "
+        f"{model['attention_head_dim']}, {report['tokens']} tokens, {report['steps']} steps; attention share "
+        f"{report['attention_share']:.3f}; device: {report['device']}, {report['cpu_threads']} threads, load average "
+        f"{_load(report)}",
+        "",
+        "| method | density | effective density | dense s | sparse s | speed-up | Amdahl bound | fraction of bound |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["results"]:
+        density = "-" if r["density"] is None else f"{r['density']:.3f}"
+        lines.append(
+            f"| {r['spec']} | {density} | {r['effective_density']:.3f} | {r['dense_s']:.2f} | {r['sparse_s']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['amdahl_bound']:.2f}x | {r['fraction_of_bound']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _load(report: dict[str, Any]) -> str:
+    load = report.get("load_average")
+    return "n/a" if not load else " / ".join(f"{x:.2f}" for x in load)
