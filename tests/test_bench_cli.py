@@ -1,0 +1,88 @@
+"""``vidsparse bench``: JSON schema and internal consistency on tiny geometries (speed itself is never asserted)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from vidsparse.cli import main
+from vidsparse.eval.bench import amdahl_bound, default_bench_methods
+from vidsparse.methods import get_method, method_names
+
+ATTENTION_KEYS = {"method", "density", "tokens", "dense_ms", "plan_ms", "attn_ms", "speedup", "ideal", "efficiency"}
+
+
+def test_default_methods_are_the_density_targeting_ones():
+    expected = [name for name in method_names() if get_method(name).targets_density]
+    assert default_bench_methods() == expected
+    assert "window" not in expected and "dense" not in expected
+
+
+def test_bench_attention_json_schema_and_ratios(tmp_path, capsys):
+    path = tmp_path / "a.json"
+    argv = ["bench", "attention", "--geometry", "2x8x16", "--geometry", "3x8x8", "--densities", "0.5", "0.25"]
+    argv += ["--methods", "radial", "window:window=0", "--repeats", "1", "--threads", "1", "--quiet"]
+    threads = torch.get_num_threads()
+    try:
+        assert main([*argv, "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process-wide value
+    report = json.loads(path.read_text())
+    assert {"device", "torch", "results", "load_average", "command"} <= set(report)
+    assert report["cpu_threads"] == 1
+    rows = report["results"]
+    # radial at 2 densities + window once (no density target), for each of the 2 geometries
+    assert len(rows) == 6
+    assert sorted({r["tokens"] for r in rows}) == [192, 256]
+    assert any("no density target" in note for note in report["notes"])
+    for r in rows:
+        assert ATTENTION_KEYS <= set(r)
+        assert 0 < r["density"] <= 1
+        assert math.isclose(r["speedup"], r["dense_ms"] / (r["plan_ms"] + r["attn_ms"]), rel_tol=1e-9)
+        assert math.isclose(r["ideal"], 1 / r["density"], rel_tol=1e-9)
+        assert math.isclose(r["efficiency"], r["speedup"] / r["ideal"], rel_tol=1e-9)
+        assert r["backend"] == "gather"  # auto on CPU
+    radial = [r for r in rows if r["method"] == "radial" and r["tokens"] == 256]
+    assert [round(r["density"], 2) for r in radial] == [0.5, 0.25]  # radial plans the target density
+    out = capsys.readouterr().out
+    assert "| radial:density=0.5 | 256 |" in out and "efficiency" in out
+
+
+def test_bench_e2e_json_schema_and_bound(tmp_path):
+    path = tmp_path / "e.json"
+    argv = ["bench", "e2e", "--geometry", "2x4x8", "--steps", "2", "--methods", "radial", "--density", "0.5"]
+    assert main([*argv, "--repeats", "1", "--quiet", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["model"]["class"] == "WanTransformer3DModel"
+    assert report["tokens"] == 64 and report["steps"] == 2
+    assert 0 < report["attention_share"] < 1
+    (row,) = report["results"]
+    assert row["spec"] == "radial:density=0.5"
+    # radial's default warm-up: layer 0 dense and round(0.24 * 2) = 0 dense steps -> 1 of 2 layers sparse
+    assert row["calls"] == 4 and row["sparse_calls"] == 2
+    assert math.isclose(row["effective_density"], (2 * 1.0 + 2 * row["density"]) / 4, rel_tol=1e-6)
+    assert math.isclose(row["amdahl_bound"], amdahl_bound(report["attention_share"], row["effective_density"]))
+    assert math.isclose(row["speedup"], row["dense_s"] / row["sparse_s"], rel_tol=1e-9)
+    assert math.isclose(row["fraction_of_bound"], row["speedup"] / row["amdahl_bound"], rel_tol=1e-9)
+
+
+def test_amdahl_bound():
+    assert amdahl_bound(0.0, 0.1) == 1.0
+    assert math.isclose(amdahl_bound(1.0, 0.25), 4.0)
+    assert math.isclose(amdahl_bound(0.8, 0.25), 1 / (0.2 + 0.2))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "attention", "--geometry", "2x8"], "--geometry '2x8' is invalid"),
+        (["bench", "attention", "--threads", "0"], "--threads 0 is invalid"),
+        (["bench", "attention", "--densities", "1.5"], "--densities 1.5 is invalid"),
+        (["bench", "e2e", "--methods", "nosuch"], "method='nosuch' is unknown"),
+        (["bench", "e2e", "--steps", "0"], "--steps 0 is invalid"),
+    ],
+)
+def test_bad_input_is_named(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
