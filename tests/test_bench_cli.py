@@ -21,11 +21,11 @@ def test_default_methods_are_the_density_targeting_ones():
 
 def test_bench_attention_json_schema_and_ratios(tmp_path, capsys):
     path = tmp_path / "a.json"
-    argv = ["bench", "attention", "--geometry", "2x8x16", "--geometry", "3x8x8", "--densities", "0.5", "0.25"]
-    argv += ["--methods", "radial", "window:window=0", "--repeats", "1", "--threads", "1", "--quiet"]
+    argv = ["bench", "attention", "--geometry", "4x8x16", "--geometry", "3x8x12", "--densities", "0.5", "0.25"]
+    argv += ["--methods", "radial", "window:window=0", "--repeats", "1", "--threads", "1", "--block-size", "128"]
     threads = torch.get_num_threads()
     try:
-        assert main([*argv, "--json", str(path)]) == 0
+        assert main([*argv, "--quiet", "--json", str(path)]) == 0
     finally:
         torch.set_num_threads(threads)  # --threads sets the process-wide value
     report = json.loads(path.read_text())
@@ -34,7 +34,7 @@ def test_bench_attention_json_schema_and_ratios(tmp_path, capsys):
     rows = report["results"]
     # radial at 2 densities + window once (no density target), for each of the 2 geometries
     assert len(rows) == 6
-    assert sorted({r["tokens"] for r in rows}) == [192, 256]
+    assert sorted({r["tokens"] for r in rows}) == [288, 512]
     assert any("no density target" in note for note in report["notes"])
     for r in rows:
         assert ATTENTION_KEYS <= set(r)
@@ -43,10 +43,11 @@ def test_bench_attention_json_schema_and_ratios(tmp_path, capsys):
         assert math.isclose(r["ideal"], 1 / r["density"], rel_tol=1e-9)
         assert math.isclose(r["efficiency"], r["speedup"] / r["ideal"], rel_tol=1e-9)
         assert r["backend"] == "gather"  # auto on CPU
-    radial = [r for r in rows if r["method"] == "radial" and r["tokens"] == 256]
+        assert r["config"]["block_size"] == 128
+    radial = [r for r in rows if r["method"] == "radial" and r["tokens"] == 512]
     assert [round(r["density"], 2) for r in radial] == [0.5, 0.25]  # radial plans the target density
     out = capsys.readouterr().out
-    assert "| radial:density=0.5 | 256 |" in out and "efficiency" in out
+    assert "| radial:density=0.5,block_size=128 | 512 |" in out and "efficiency" in out
 
 
 def test_bench_e2e_json_schema_and_bound(tmp_path):
@@ -81,6 +82,7 @@ def test_amdahl_bound():
         (["bench", "attention", "--densities", "1.5"], "--densities 1.5 is invalid"),
         (["bench", "e2e", "--methods", "nosuch"], "method='nosuch' is unknown"),
         (["bench", "e2e", "--steps", "0"], "--steps 0 is invalid"),
+        (["bench", "attention", "--block-size", "100"], "block_size=100"),
     ],
 )
 def test_bad_input_is_named(argv, message, capsys):
