@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="density for methods with a density target (default: %(default)s)",
     )
     e.add_argument("--geometry", default="9x30x52", metavar="TxHxW", help="latent token grid (default: 9x30x52)")
-    e.add_argument("--layers", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    e.add_argument("--layers", type=int, default=4, help="transformer blocks (default: %(default)s)")
     e.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
     e.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
     e.add_argument("--steps", type=int, default=4, help="denoising steps per generation (default: %(default)s)")
