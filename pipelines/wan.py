@@ -60,9 +60,12 @@ class WanSparseAttnProcessor(SparseProcessorMixin, WanAttnProcessor):
         """Stock signature; returns ``[B, S, dim]`` like ``WanAttnProcessor``."""
         layout = None
         # Only video self-attention without an extra mask is sparsified; masks (SkyReels' diffusion forcing) are
-        # the SkyReels adapter's business.
+        # the SkyReels adapter's business. Every self-attention call picks up context parallelism (the stock path
+        # below passes it to the dispatch).
         if encoder_hidden_states is None and attention_mask is None:
             layout = self.sparse_layout(attn, hidden_states.shape[1])
+        elif encoder_hidden_states is None:
+            self.sync_parallel_config(attn)
         if layout is None:
             return WanAttnProcessor.__call__(
                 self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb

@@ -41,6 +41,11 @@ class PlanContext:
         num_steps: Steps of the run when known.
         context: Cache-context name (``"cond"``, ``"uncond"``, ``"cond_uncond"`` or ``"default"``).
         store: Per-layer mutable storage for methods that reuse work across steps; reset per generation.
+        head_offset: Index, among the layer's heads, of the first head of the q/k being planned. Non-zero under
+            context parallelism (Ulysses), where each rank plans a contiguous range of heads; methods with
+            per-head state that is indexed by head (calibration files) read heads ``head_offset ...
+            head_offset + q.shape[2] - 1``, or return a plan of all ``num_heads`` heads (the runtime cuts it).
+        num_heads: Heads of the layer (None: q's heads, i.e. no context parallelism).
     """
 
     layer: int = 0
@@ -48,6 +53,8 @@ class PlanContext:
     num_steps: int | None = None
     context: str = "default"
     store: dict[str, Any] = field(default_factory=dict)
+    head_offset: int = 0
+    num_heads: int | None = None
 
 
 PlanFn = Callable[[torch.Tensor | None, torch.Tensor | None, VideoLayout, Any, PlanContext], BlockPlan]
