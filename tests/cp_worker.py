@@ -109,7 +109,10 @@ def ulysses_case(parallel_config, *, seq_len: int, heads: int, seed: int) -> dic
     expected = block_sparse_attention(q, k, v, plan, backend="reference", key_padding_mask=padding)
 
     rank, world = cp._flattened_mesh.get_local_rank(), cp.ulysses_degree
-    chunk = (lambda x: x.tensor_split(world, dim=1)[rank]) if cp.ulysses_anything else (lambda x: x.chunk(world, 1)[rank])
+
+    def chunk(x):  # this rank's sequence shard, as diffusers splits it (equal chunks when the length divides)
+        return x.tensor_split(world, dim=1)[rank]
+
     seen = []
 
     def attend(q_, k_, v_, mask, head_offset, num_heads):
