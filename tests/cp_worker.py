@@ -26,8 +26,9 @@ from vidsparse.plan import finalize_plan, num_blocks
 # 17 frames x 128 x 192 px -> 5 x 8 x 12 = 480 latent tokens (8 blocks of 64), split 240 / 240 over 2 ranks.
 GEOMETRY = dict(num_frames=17, height=128, width=192)
 STEPS = 2
-#: Per-head planning from q/k (each rank plans its own head), through the default executor (flex on CPU).
-MOBA = dict(selection="topk", density=0.5, dense_steps=0)
+#: Per-head planning from q/k (each rank plans its own head), through the default executor (flex on CPU); layer 0
+#: stays dense, through the stock dispatch inside the vidsparse processor.
+MOBA = dict(selection="topk", density=0.5, dense_steps=0, dense_layers=1)
 #: A plan made for all heads of the layer (head 0 frame-local, head 1 dense): the runtime cuts it per rank.
 HEADWISE = dict(backend="reference", dense_steps=0)
 

@@ -57,8 +57,10 @@ def test_sparse_path_really_ran_on_the_full_sequence(runs):
     assert (single["headwise"] - single["stock"]).abs().max() > 1e-3
     for rank in cp["per_rank"]:
         rows = rank["moba_stats"]
-        assert len(rows) == 8 and all(r["sparse"] for r in rows)  # 2 steps x (cond, uncond) x 2 layers
+        assert len(rows) == 8  # 2 steps x (cond, uncond) x 2 layers
+        assert [r["sparse"] for r in rows] == [r["layer"] == 1 for r in rows]  # layer 0: dense_layers=1
         assert {r["tokens"] for r in rows} == {480}  # the full grid, not the 240-token shard
+        assert all(r["density"] < 1 for r in rows if r["sparse"])
     # headwise: head 0 keeps its own blocks (1/8), head 1 everything; each rank planned its own head.
     densities = [{r["density"] for r in rank["headwise_stats"]} for rank in cp["per_rank"]]
     assert densities == [{0.125}, {1.0}]
