@@ -11,6 +11,7 @@ division by zero on a machine without an accelerator: :func:`allow_cpu_context_p
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -53,9 +54,14 @@ METHOD = registry.MethodSpec(
 )
 
 
-def register_headwise() -> None:
-    """Make ``headwise`` a method name (this module defines its ``METHOD``)."""
+@contextlib.contextmanager
+def headwise_registered():
+    """Make ``headwise`` a method name while inside (this module defines its ``METHOD``)."""
     registry._METHOD_MODULES["headwise"] = "cp_worker"
+    try:
+        yield
+    finally:
+        registry._METHOD_MODULES.pop("headwise", None)
 
 
 def allow_cpu_context_parallel() -> None:
@@ -86,12 +92,12 @@ def generate(pipe, geometry=GEOMETRY) -> torch.Tensor:
 
 def single_process() -> dict[str, torch.Tensor]:
     """The outputs the 2-process run must reproduce, computed in one process."""
-    register_headwise()
     pipe = build_pipe()
     out = {"stock": generate(pipe)}
-    for name, options in (("moba", MOBA), ("headwise", HEADWISE)):
-        with vidsparse.apply(pipe, name, **options):
-            out[name] = generate(pipe)
+    with headwise_registered():
+        for name, options in (("moba", MOBA), ("headwise", HEADWISE)):
+            with vidsparse.apply(pipe, name, **options):
+                out[name] = generate(pipe)
     return out
 
 
@@ -133,19 +139,13 @@ def _error_of(fn) -> str | None:
     return None
 
 
-def main(out_path: str) -> None:
-    """Every context-parallel scenario; rank 0 saves the results to ``out_path``."""
-    import torch.distributed as dist
+def scenarios(rank: int) -> dict:
+    """Every context-parallel scenario, in this process (one of 2): outputs, statistics and error messages."""
     from diffusers import ContextParallelConfig, ParallelConfig
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel
 
     from vidsparse.pipelines.wan import WanSparseAttnProcessor
 
-    allow_cpu_context_parallel()
-    # "cpu:gloo", not "gloo": diffusers' ulysses_anything picks the device of its size exchange from this name.
-    dist.init_process_group("cpu:gloo")
-    register_headwise()
-    rank = dist.get_rank()
     ulysses = ContextParallelConfig(ulysses_degree=2)
     results: dict = {}
 
@@ -204,7 +204,19 @@ def main(out_path: str) -> None:
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1, 2), mesh_dim_names=("ring", "ulysses"))
     anything.setup(rank, 2, torch.device("cpu"), mesh=mesh)
     results["ulysses_anything"] = ulysses_case(anything, seq_len=131, heads=3, seed=2)
+    return results
 
+
+def main(out_path: str) -> None:
+    """Run :func:`scenarios` in each process; rank 0 saves the results (and both ranks' statistics)."""
+    import torch.distributed as dist
+
+    allow_cpu_context_parallel()
+    # "cpu:gloo", not "gloo": diffusers' ulysses_anything picks the device of its size exchange from this name.
+    dist.init_process_group("cpu:gloo")
+    rank = dist.get_rank()
+    with headwise_registered():
+        results = scenarios(rank)
     gathered = [None, None]
     dist.all_gather_object(gathered, {k: v for k, v in results.items() if not isinstance(v, torch.Tensor)})
     if rank == 0:
