@@ -14,10 +14,10 @@ exchange of results:
 The processes talk only to meet at the barriers, through gloo (a CPU process group) whatever the device: no GPU
 memory goes to NCCL communicators. With several machines the output directory must be one shared file system.
 
-``accelerate launch --num_processes N`` runs N processes only with ``--multi_gpu`` (any machine, CPU-only ones
-included: it starts them with torchrun) or a multi-machine config; ``--cpu`` alone starts a single process
-(accelerate's multi-CPU mode goes through ``mpirun``). ``vidsparse eval --num-processes N`` starts the right
-command itself (:func:`launch_command`).
+``accelerate launch --num_processes N`` (accelerate 1.15, no config file) starts N processes with ``--multi_gpu``,
+CPU-only machines included (it starts them with torchrun); with ``--cpu`` instead it starts a single process
+(accelerate's multi-CPU mode goes through ``mpirun``). ``vidsparse eval --num-processes N`` starts the right command
+itself (:func:`launch_command`); plain ``torchrun --nproc_per_node N -m vidsparse eval ...`` works too.
 """
 
 from __future__ import annotations

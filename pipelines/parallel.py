@@ -113,16 +113,14 @@ def ulysses_attention(
         # diffusers calls this with every argument of the dispatch; vidsparse only ever passes the defaults.
         if return_lse:
             raise ValueError("vidsparse's Ulysses forward op does not return the log-sum-exp (ring is refused).")
-        mask = None if attn_mask is None else attn_mask.bool()
-        return attend(q, k, v, mask, head_offset, num_heads)
+        # attn_mask: the key padding mask, gathered by diffusers to the full sequence ([B, S]).
+        return attend(q, k, v, attn_mask, head_offset, num_heads)
 
-    # The mask travels as uint8: gloo cannot all-gather bool tensors.
-    mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
     return _templated_context_parallel_attention(
         query,
         key,
         value,
-        mask,
+        key_padding_mask,
         forward_op=forward_op,
         backward_op=_inference_only_backward,
         _parallel_config=parallel_config,
