@@ -233,6 +233,7 @@ class Runner:
         progress: Show the denoising-step progress bar of each generation.
         load_pipeline: ``load_pipeline(job) -> pipeline`` (default: :func:`vidsparse.commands.common.load_pipeline`
             on ``device`` in the job's dtype); the last pipeline is reused while jobs share model and dtype.
+        process: ``(index, count)`` of this process in a sweep shared by several (recorded in every run file).
     """
 
     def __init__(
@@ -249,6 +250,7 @@ class Runner:
         command: str = "",
         progress: bool = True,
         load_pipeline: Callable[[EvalJob], Any] | None = None,
+        process: tuple[int, int] = (0, 1),
     ) -> None:
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
             raise ValueError(f"repeats={repeats!r} is invalid: expected an integer >= 1.")
@@ -271,6 +273,7 @@ class Runner:
         self.command = command
         self.progress = progress
         self._load = load_pipeline or self._default_load
+        self.process = {"index": process[0], "count": process[1]}
         self._pipe_key: tuple | None = None
         self._pipe: Any = None
         self._env: dict[str, Any] | None = None
@@ -384,6 +387,7 @@ class Runner:
             "job": dataclasses.asdict(job),
             "config": None if job.is_dense else job.config().to_dict(),
             "command": self.command,
+            "process": self.process,
             "started_at": started,
         }
         try:
