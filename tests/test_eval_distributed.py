@@ -128,17 +128,20 @@ def test_merged_report_matches_one_process(sweeps):
             assert (Path(double["out"]) / rel).is_file()
         if run["kind"] == "dense":
             frames = [np.load(Path(s["out"]) / run["artifacts"]["frames"]) for s in (single, double)]
-            np.testing.assert_allclose(frames[0], frames[1], atol=1e-5, rtol=0)
+            # Frames are measured at uint8 levels: other thread counts round floats differently, which may move a
+            # rare value across a level boundary (one level = 1/255), never further.
+            diff = np.abs(frames[0] - frames[1])
+            assert diff.max() <= 1 / 255 + 1e-6 and (diff > 1e-6).mean() < 1e-3
             continue
         # Same measured density and quality (the processes run with other thread counts: float rounding only).
         assert run["sparsity"]["sparse_density"] == ref["sparsity"]["sparse_density"] == 0.5
         assert run["sparsity"]["sparse_calls"] == ref["sparsity"]["sparse_calls"]
         for metric in ("psnr", "ssim"):
-            assert float(run["metrics"][metric]) == pytest.approx(float(ref["metrics"][metric]), rel=1e-5)
+            assert float(run["metrics"][metric]) == pytest.approx(float(ref["metrics"][metric]), rel=1e-4)
     summaries = [{e["method"]: e for e in s["summary"]} for s in sweeps]
     for method, entry in summaries[0].items():
         other = summaries[1][method]
         assert (entry["runs"], entry["ok"]) == (other["runs"], other["ok"])
         if entry["kind"] == "sparse":
             for key in ("density", "psnr", "ssim"):
-                assert entry[key] == pytest.approx(other[key], rel=1e-5)
+                assert entry[key] == pytest.approx(other[key], rel=1e-4)
