@@ -270,6 +270,27 @@ def causal_groups_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch
 _warned: set[tuple] = set()
 
 
+def project_heads(
+    attn: torch.nn.Module, states: torch.Tensor, *, added: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, S, H, D]`` of ``states`` ``[B, S, C]`` through the module's projections and its q/k norms.
+
+    Args:
+        attn: A diffusers ``Attention``-like module (``heads``, ``to_q/k/v``, optional ``norm_q/k``).
+        states: The tokens to project.
+        added: Use the text-stream projections of joint attention (``add_q/k/v_proj``, ``norm_added_q/k``).
+    """
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
+    query, key, value = (getattr(attn, name)(states).unflatten(2, (attn.heads, -1)) for name in names)
+    norm_q = getattr(attn, "norm_added_q" if added else "norm_q", None)
+    norm_k = getattr(attn, "norm_added_k" if added else "norm_k", None)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def warn_once(key: tuple, message: str) -> None:
     """Warn once per ``key`` in this process (vidsparse never falls back to dense silently)."""
     if key not in _warned:
