@@ -34,6 +34,8 @@ from vidsparse.hooks import SparseRuntime
 from vidsparse.kernels import block_sparse_attention
 from vidsparse.layout import VideoLayout
 
+from .parallel import check_context_parallel, context_parallel_config, local_sequence_length, ulysses_attention
+
 #: Where text sits in a family's self-attention sequence.
 TEXT_POSITIONS: tuple[str, ...] = ("none", "before", "after")
 
@@ -268,6 +270,27 @@ def causal_groups_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch
 _warned: set[tuple] = set()
 
 
+def project_heads(
+    attn: torch.nn.Module, states: torch.Tensor, *, added: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, S, H, D]`` of ``states`` ``[B, S, C]`` through the module's projections and its q/k norms.
+
+    Args:
+        attn: A diffusers ``Attention``-like module (``heads``, ``to_q/k/v``, optional ``norm_q/k``).
+        states: The tokens to project.
+        added: Use the text-stream projections of joint attention (``add_q/k/v_proj``, ``norm_added_q/k``).
+    """
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
+    query, key, value = (getattr(attn, name)(states).unflatten(2, (attn.heads, -1)) for name in names)
+    norm_q = getattr(attn, "norm_added_q" if added else "norm_q", None)
+    norm_k = getattr(attn, "norm_added_k" if added else "norm_k", None)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def warn_once(key: tuple, message: str) -> None:
     """Warn once per ``key`` in this process (vidsparse never falls back to dense silently)."""
     if key not in _warned:
@@ -322,29 +345,54 @@ class SparseProcessorMixin:
             )
         return runtime
 
+    def sync_parallel_config(self, attn: torch.nn.Module) -> Any:
+        """The context-parallel config this self-attention call runs under (None without context parallelism).
+
+        diffusers' ``enable_parallelism`` sets ``_parallel_config`` only on the processors present when it runs,
+        and :func:`vidsparse.apply` copies it from the processor it replaces; a processor that has none adopts the
+        transformer's (published by the root hook). Either order of ``apply`` and ``enable_parallelism`` therefore
+        works, and the stock dense path inherited from diffusers sees the config too.
+
+        Raises:
+            ValueError: ring attention (``ring_degree > 1``), which vidsparse does not support.
+        """
+        if self._parallel_config is None:
+            published = self.runtime_of(attn).call_info(attn).parallel_config
+            if context_parallel_config(published) is not None:
+                self._parallel_config = published
+        cp_config = context_parallel_config(self._parallel_config)
+        if cp_config is not None:
+            check_context_parallel(cp_config)
+        return cp_config
+
     def sparse_layout(
         self, attn: torch.nn.Module, seq_len: int, *, text_len: int = 0, text_position: str = "after"
     ) -> VideoLayout | None:
         """The layout for a sparse call, or ``None`` when this self-attention call must run dense.
 
         Dense when: the warm-up rules of the config say so (steps, layers, timestep, min tokens), or the sequence
-        does not match the grid the root hook saw (then a warning, once per shape: vidsparse never guesses).
+        does not match the grid the root hook saw (then a warning, once per shape: vidsparse never guesses). Under
+        context parallelism ``seq_len`` is this rank's shard, compared with this rank's share of the grid.
 
         Args:
             attn: The attention module.
-            seq_len: Tokens in the attention sequence (video + text).
+            seq_len: Tokens in the attention sequence (video + text); this rank's shard under context parallelism.
             text_len: Text tokens in it (joint attention), padding included.
             text_position: ``"before"`` or ``"after"`` the video.
         """
         runtime = self.runtime_of(attn)
+        cp_config = self.sync_parallel_config(attn)
         grid = runtime.call_info(attn).grid
         if grid is None:
             return None
         n_video = grid[0] * grid[1] * grid[2]
-        if n_video + text_len != seq_len:
+        total = n_video + text_len
+        expected = total if cp_config is None else local_sequence_length(total, cp_config)
+        if expected != seq_len:
+            shard = "" if cp_config is None else f" on this context-parallel rank (expected {expected})"
             warn_once(
                 (type(attn).__name__, grid, seq_len, text_len),
-                f"vidsparse: attention over {seq_len} tokens does not match the latent grid {grid} "
+                f"vidsparse: attention over {seq_len} tokens{shard} does not match the latent grid {grid} "
                 f"(+{text_len} text); running it dense.",
             )
             return None
@@ -370,14 +418,30 @@ class SparseProcessorMixin:
                 plan by every executor.
             causal_groups: int ``[B or 1, S]`` block-causal groups of the model's mask (see
                 :func:`causal_groups_from_mask`): ANDed with the plan by every executor.
+
+        Under context parallelism (Ulysses) q/k/v are this rank's sequence shard ``[B, S/N, H, D]``; planning and
+        the executor then run inside diffusers' all-to-all on the full sequence of this rank's heads.
         """
-        plan = self.runtime_of(attn).plan(attn, self.config, query, key, layout)
-        return block_sparse_attention(
-            query,
-            key,
-            value,
-            plan,
-            backend=self.config.backend,
-            key_padding_mask=key_padding_mask,
-            causal_groups=causal_groups,
-        )
+        runtime = self.runtime_of(attn)
+
+        def attend(q, k, v, padding_mask, head_offset, num_heads):
+            plan = runtime.plan(attn, self.config, q, k, layout, head_offset=head_offset, num_heads=num_heads)
+            return block_sparse_attention(
+                q,
+                k,
+                v,
+                plan,
+                backend=self.config.backend,
+                key_padding_mask=padding_mask,
+                causal_groups=causal_groups,
+            )
+
+        if context_parallel_config(self._parallel_config) is None:
+            return attend(query, key, value, key_padding_mask, 0, query.shape[2])
+        if causal_groups is not None:
+            # The groups index the full sequence, but under Ulysses this rank holds a shard: not wired yet.
+            raise NotImplementedError(
+                "vidsparse: block-causal self-attention masks (SkyReels-V2 diffusion forcing) are not supported "
+                "under context parallelism; run this model on one process or without sparse attention."
+            )
+        return ulysses_attention(query, key, value, attend, self._parallel_config, key_padding_mask=key_padding_mask)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
-from .base import FamilyAdapter, SparseProcessorMixin, text_key_padding
+from .base import FamilyAdapter, SparseProcessorMixin, project_heads, text_key_padding
 
 
 def apply_mochi_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -66,20 +66,8 @@ class MochiSparseAttnProcessor(SparseProcessorMixin, MochiAttnProcessor2_0):
         if layout is None:
             return self.stock_call(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        query, key, value = project_heads(attn, hidden_states)
+        encoder_query, encoder_key, encoder_value = project_heads(attn, encoder_hidden_states, added=True)
         if image_rotary_emb is not None:  # video tokens only
             query = apply_mochi_rotary_emb(query, *image_rotary_emb)
             key = apply_mochi_rotary_emb(key, *image_rotary_emb)

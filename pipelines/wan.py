@@ -70,6 +70,9 @@ class WanStyleSparseMixin(SparseProcessorMixin):
                     )
             if attention_mask is None or groups is not None:
                 layout = self.sparse_layout(attn, hidden_states.shape[1])
+            else:
+                # The stock path below passes context parallelism to the dispatch: pick it up for this call.
+                self.sync_parallel_config(attn)
         if layout is None:
             return self.stock_call(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 

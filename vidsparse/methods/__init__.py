@@ -48,6 +48,11 @@ class PlanContext:
         model: Index of the transformer in the handle (0 = ``transformer``, 1 = ``transformer_2`` of Wan 2.2).
         shared: Mutable storage of this (model, layer) shared by all cache contexts (cond, uncond, ...), for state
             that one branch computes and the others reuse; reset per generation like ``store``.
+        head_offset: Index, among the layer's heads, of the first head of the q/k being planned. Non-zero under
+            context parallelism (Ulysses), where each rank plans a contiguous range of heads; methods with
+            per-head state that is indexed by head (calibration files) read heads ``head_offset ...
+            head_offset + q.shape[2] - 1``, or return a plan of all ``num_heads`` heads (the runtime cuts it).
+        num_heads: Heads of the layer (None: q's heads, i.e. no context parallelism).
     """
 
     layer: int = 0
@@ -57,6 +62,8 @@ class PlanContext:
     store: dict[str, Any] = field(default_factory=dict)
     model: int = 0
     shared: dict[str, Any] = field(default_factory=dict)
+    head_offset: int = 0
+    num_heads: int | None = None
 
 
 PlanFn = Callable[[torch.Tensor | None, torch.Tensor | None, VideoLayout, Any, PlanContext], BlockPlan]

@@ -489,7 +489,9 @@ def _offline_plan(q: torch.Tensor | None, layout: VideoLayout, config: CachedCon
     plan = ctx.shared.get(key)  # one plan per (model, layer, geometry) serves every context
     if plan is None:
         patterns = load_patterns(config.patterns)
-        heads = q.shape[2] if q is not None else None
+        # The file holds every head of the layer: under context parallelism q has only this rank's heads, so the
+        # check uses the layer's head count and the runtime cuts the plan to this rank's heads.
+        heads = ctx.num_heads if ctx.num_heads is not None else (q.shape[2] if q is not None else None)
         patterns.check_call(model=ctx.model, layer=ctx.layer, heads=heads, layout=layout, block_size=config.block_size)
         mask = patterns.video_mask(ctx.model, ctx.layer, layout, device=device)
         order = video_order(layout, patterns.tile, device)
