@@ -7,7 +7,7 @@ same synthetic q/k/v (:mod:`vidsparse.eval.synthetic`):
   plan cache, so a static method is charged for building its plan too);
 - ``dense_sdpa_ms``: median dense ``scaled_dot_product_attention``;
 - ``dense_executor_ms``: median dense attention through the same executor as the sparse run (``backend``; ``auto`` is
-  flex on CPU) with the full plan at the method's block size (compiled once before timing);
+  gather on CPU) with the full plan at the method's block size (compiled once before timing);
 - ``sparse_ms``: median attention through ``backend`` with the method's plan;
 - ``plan_over_dense_*`` ratios, and ``plan_over_sparse``.
 

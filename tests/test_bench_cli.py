@@ -52,7 +52,20 @@ def test_bench_attention_json_schema_and_ratios(tmp_path, capsys):
 
 def test_bench_e2e_json_schema_and_bound(tmp_path):
     path = tmp_path / "e.json"
-    argv = ["bench", "e2e", "--geometry", "2x4x8", "--steps", "2", "--methods", "radial", "--density", "0.5"]
+    argv = [
+        "bench",
+        "e2e",
+        "--geometry",
+        "2x4x8",
+        "--steps",
+        "2",
+        "--layers",
+        "2",
+        "--methods",
+        "radial",
+        "--density",
+        "0.5",
+    ]
     assert main([*argv, "--repeats", "1", "--quiet", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert report["model"]["class"] == "WanTransformer3DModel"
