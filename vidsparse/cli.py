@@ -13,6 +13,7 @@ import sys
 #: Sub-command modules, in the order ``vidsparse --help`` lists them.
 COMMAND_MODULES: list[str] = [
     "vidsparse.commands.render",
+    "vidsparse.commands.train_tiny",
 ]
 
 
