@@ -104,8 +104,13 @@ def block_sparse_attention(
 
     if name == "reference":
         out, lse = reference_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), plan,
-            scale=scale, return_lse=return_lse, key_padding_mask=key_padding_mask,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            plan,
+            scale=scale,
+            return_lse=return_lse,
+            key_padding_mask=key_padding_mask,
         )
         out = out.transpose(1, 2)
         return (out, lse) if return_lse else out
@@ -124,8 +129,14 @@ def block_sparse_attention(
         from .block_sparse_attn import block_sparse_attn
 
         out, lse = block_sparse_attn(
-            qh.contiguous(), kh.contiguous(), vh.contiguous(), plan.kv_num, plan.kv_idx,
-            block_size=plan.block_size, scale=scale, key_padding_mask=key_padding_mask,
+            qh.contiguous(),
+            kh.contiguous(),
+            vh.contiguous(),
+            plan.kv_num,
+            plan.kv_idx,
+            block_size=plan.block_size,
+            scale=scale,
+            key_padding_mask=key_padding_mask,
         )
     out = out.transpose(1, 2)
     if plan.perm is not None:

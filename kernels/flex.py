@@ -21,6 +21,21 @@ from vidsparse.plan import BlockPlan
 _compiled: Callable | None = None
 _warned_cpu_lse = False
 
+#: Distinct shapes (B, H, S, D, dtype, block size, mask kind) one process may compile FlexAttention for. torch's
+#: default recompile limit is 8, after which dynamo silently runs ``flex_attention`` *eagerly* — and eager
+#: FlexAttention ignores the BlockMask's block lists (it computes dense attention): a silent wrong result. So every
+#: call raises the limit for this function only and turns hitting it into an error instead of a fallback.
+MAX_COMPILED_SHAPES = 256
+
+
+def _compile_guard():
+    """Dynamo settings for one compiled FlexAttention call (scoped to the call, not global)."""
+    return torch._dynamo.config.patch(
+        recompile_limit=MAX_COMPILED_SHAPES,
+        accumulated_recompile_limit=max(MAX_COMPILED_SHAPES, torch._dynamo.config.accumulated_recompile_limit),
+        fail_on_recompile_limit_hit=True,
+    )
+
 
 def compiled_flex_attention() -> Callable:
     """The process-wide ``torch.compile(flex_attention, dynamic=False)``."""
@@ -86,9 +101,10 @@ def flex_block_sparse_attention(
             "run under torch.no_grad() or use backend='reference'."
         )
     if return_lse and not on_cpu:
-        out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        with _compile_guard():
+            out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
         return out, aux.lse.float()
-    with torch.no_grad() if on_cpu else contextlib.nullcontext():
+    with torch.no_grad() if on_cpu else contextlib.nullcontext(), _compile_guard():
         out = flex(q, k, v, block_mask=block_mask, scale=scale)
     lse = None
     if return_lse:
@@ -105,4 +121,3 @@ def flex_block_sparse_attention(
         plain = BlockPlan(plan.kv_num, plan.kv_idx, plan.block_size, plan.seq_len, None, plan.video_range)
         _, lse = reference_attention(q, k, v, plain, scale=scale, return_lse=True, key_padding_mask=key_padding_mask)
     return out, lse
-

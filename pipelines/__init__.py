@@ -1,0 +1,31 @@
+"""Model-family adapters (one file per family) and the tiny offline pipelines.
+
+:func:`adapter_for` finds the adapter of a transformer; the list below is the support table that
+``vidsparse models`` prints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FamilyAdapter
+from .wan import WanAdapter
+
+#: Every supported family, in the order ``vidsparse models`` lists them.
+ADAPTERS: list[FamilyAdapter] = [WanAdapter()]
+
+
+def supported_model_classes() -> list[str]:
+    """Names of all transformer classes vidsparse supports."""
+    return [cls for adapter in ADAPTERS for cls in adapter.model_classes]
+
+
+def adapter_for(transformer: torch.nn.Module) -> FamilyAdapter:
+    """The adapter serving ``transformer``; ``TypeError`` naming its class and the supported ones otherwise."""
+    for adapter in ADAPTERS:
+        if adapter.matches(transformer):
+            return adapter
+    raise TypeError(
+        f"vidsparse does not support {type(transformer).__name__}; supported transformer classes: "
+        f"{', '.join(supported_model_classes())}."
+    )

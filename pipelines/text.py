@@ -33,9 +33,7 @@ DEFAULT_VOCABULARY: tuple[str, ...] = tuple(
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<unk>", "<s>")
 
 
-def build_word_tokenizer(
-    words: Iterable[str] = DEFAULT_VOCABULARY, *, model_max_length: int = 512, bos: bool = False
-):
+def build_word_tokenizer(words: Iterable[str] = DEFAULT_VOCABULARY, *, model_max_length: int = 512, bos: bool = False):
     """A ``PreTrainedTokenizerFast`` over a fixed word list (lower-cased, split on whitespace and punctuation).
 
     Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``<s>`` 3, then the words in order. The post-processor appends
@@ -55,7 +53,7 @@ def build_word_tokenizer(
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    single = ("<s> $A </s>" if bos else "$A </s>")
+    single = "<s> $A </s>" if bos else "$A </s>"
     tk.post_processor = processors.TemplateProcessing(
         single=single, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
     )

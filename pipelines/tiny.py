@@ -22,6 +22,8 @@ from .shapes import DEFAULT_GEOMETRY as _SHAPES_GEOMETRY
 from .shapes import build_shapes
 from .text import build_umt5_encoder, build_word_tokenizer
 
+DEFAULT_PROMPT = "a red circle moves left"
+
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -33,6 +35,7 @@ class TinySpec:
         frames, height, width, steps: Default render geometry (pixels / frames / denoising steps).
         guidance_scale: Default classifier-free guidance scale.
         description: One line for ``vidsparse models``.
+        prompt: Example prompt used when none is given.
     """
 
     name: str
@@ -43,6 +46,7 @@ class TinySpec:
     steps: int
     guidance_scale: float
     description: str
+    prompt: str = DEFAULT_PROMPT
 
 
 def _seeded(seed: int, fn: Callable[[], Any]) -> Any:
@@ -122,6 +126,7 @@ TINY_PIPELINES: dict[str, TinySpec] = {
         _SHAPES_GEOMETRY["num_inference_steps"],
         _SHAPES_GEOMETRY["guidance_scale"],
         "Wan 2.1 T2V layout trained on procedural shapes clips; 4096 tokens per self-attention call",
+        "a red circle moves right over a plain gray background",
     ),
     "wan": TinySpec("wan", build_wan, 17, 128, 128, 8, 5.0, "Wan 2.1 T2V layout, random weights"),
     "wan2.2": TinySpec("wan2.2", build_wan22, 17, 128, 128, 8, 5.0, "Wan 2.2 A14B two-expert layout, random weights"),
@@ -140,6 +145,18 @@ def get_spec(name: str) -> TinySpec:
     return TINY_PIPELINES[name]
 
 
-def build(name: str = "shapes", seed: int = 0):
-    """Build the tiny pipeline ``name`` (see :data:`TINY_PIPELINES`) with weights from ``seed``, on the CPU."""
-    return get_spec(name).builder(seed)
+def default_model_name() -> str:
+    """The embedded default model of ``vidsparse render`` / ``eval``: the first entry of :data:`TINY_PIPELINES`."""
+    return next(iter(TINY_PIPELINES))
+
+
+def defaults_for(model: str) -> TinySpec:
+    """Render defaults for ``--model``: the tiny spec's for ``tiny-<name>``; Wan-like 480p defaults otherwise."""
+    if model.startswith("tiny-"):
+        return get_spec(model[len("tiny-") :])
+    return TinySpec(model, lambda seed: None, 33, 480, 832, 30, 5.0, "checkpoint", DEFAULT_PROMPT)
+
+
+def build(name: str | None = None, seed: int = 0):
+    """Build the tiny pipeline ``name`` (default: the embedded default) with weights from ``seed``, on the CPU."""
+    return get_spec(name or default_model_name()).builder(seed)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import SparseConfig
+from .integration import SparseHandle, apply, attach, make_processor, remove
 from .layout import VideoLayout
 from .methods import PlanContext, build_plan, make_config, method_names
 from .plan import BlockPlan
@@ -23,6 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockPlan",
+    "SparseHandle",
+    "apply",
+    "attach",
+    "make_processor",
+    "remove",
     "PlanContext",
     "SparseConfig",
     "VideoLayout",

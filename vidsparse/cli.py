@@ -13,6 +13,8 @@ import sys
 #: Sub-command modules, in the order ``vidsparse --help`` lists them.
 COMMAND_MODULES: list[str] = [
     "vidsparse.commands.render",
+    "vidsparse.commands.compare",
+    "vidsparse.commands.lpips_weights",
     "vidsparse.commands.train_tiny",
 ]
 

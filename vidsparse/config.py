@@ -88,6 +88,8 @@ class SparseConfig:
             (fraction of the run's steps, e.g. 0.24 = 12 of 50).
         dense_last_steps: Steps at the end run dense, same convention as ``dense_steps``.
         dense_layers: The first N transformer blocks always run dense.
+        dense_above_timestep: Also run dense while the scheduler timestep is above this value (the rule of
+            DraftAttention / Sparse-VideoGen, e.g. 925 of 1000); ``None`` disables it.
         min_tokens: Self-attention over fewer video tokens than this runs dense (sparsity does not pay there).
         backend: Executor: ``"auto"`` (triton on CUDA, flex on CPU), ``"flex"``, ``"triton"`` or ``"reference"``.
     """
@@ -99,6 +101,7 @@ class SparseConfig:
     dense_steps: int | float = 0
     dense_last_steps: int | float = 0
     dense_layers: int = 0
+    dense_above_timestep: float | None = None
     min_tokens: int = 0
     backend: str = "auto"
 
@@ -108,6 +111,14 @@ class SparseConfig:
         check_step_count("dense_steps", self.dense_steps)
         check_step_count("dense_last_steps", self.dense_last_steps)
         check_int("dense_layers", self.dense_layers)
+        if self.dense_above_timestep is not None and not (
+            isinstance(self.dense_above_timestep, int | float)
+            and not isinstance(self.dense_above_timestep, bool)
+            and math.isfinite(self.dense_above_timestep)
+        ):
+            raise ValueError(
+                f"dense_above_timestep={self.dense_above_timestep!r} is invalid: expected a number or None."
+            )
         check_int("min_tokens", self.min_tokens)
         check_choice("backend", self.backend, SUPPORTED_BACKENDS)
 

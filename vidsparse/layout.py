@@ -132,9 +132,7 @@ def _tile_order(frames: int, height: int, width: int, tt: int, th: int, tw: int)
     """Cached worker of :meth:`VideoLayout.tile_order` (the permutation depends only on geometry)."""
     for name, value in (("tile t", tt), ("tile h", th), ("tile w", tw)):
         check_int(name, value, minimum=1)
-    t, h, w = torch.meshgrid(
-        torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij"
-    )
+    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
     # Sort key: tile index (row-major over tiles) then the raster index inside the tile. Ragged edge tiles simply
     # hold fewer tokens.
     n_th, n_tw = -(-height // th), -(-width // tw)

@@ -152,7 +152,7 @@ class BlockPlan:
 
     # ------------------------------------------------------------------------------------------------ views
     def block_mask(self) -> torch.Tensor:
-        """bool ``[B, H, Qb, Kb]``: the plan as a dense block mask (in plan order)."""
+        """Bool ``[B, H, Qb, Kb]``: the plan as a dense block mask (in plan order)."""
         b, h, qb = self.kv_num.shape
         kmax = self.kv_idx.shape[-1]
         valid = torch.arange(kmax, device=self.device) < self.kv_num[..., None]
@@ -163,7 +163,7 @@ class BlockPlan:
         return mask[..., :qb]
 
     def to_dense_mask(self, original_order: bool = True) -> torch.Tensor:
-        """bool ``[B, H, S, S]``: token-level mask, in the original token order unless ``original_order=False``.
+        """Bool ``[B, H, S, S]``: token-level mask, in the original token order unless ``original_order=False``.
 
         Memory is S² per (B, H): for tests and small sequences only.
         """
@@ -225,9 +225,14 @@ class BlockPlan:
         in_video = (rows >= b0) & (rows < b1) & valid
         return in_video.sum(dim=(-1, -2)).float() / float(n * n)
 
+    @cached_property
+    def mean_density(self) -> torch.Tensor:
+        """0-dim float32 tensor: :meth:`density` without a host sync (computed once per plan)."""
+        return self.density_per_head().mean()
+
     def density(self) -> float:
         """Mean density over batch and heads (video→video blocks); 1.0 is dense. Synchronises with the device."""
-        return float(self.density_per_head().mean())
+        return float(self.mean_density)
 
     # ------------------------------------------------------------------------------------------- validation
     def validate(self) -> BlockPlan:

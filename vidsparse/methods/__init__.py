@@ -27,6 +27,7 @@ from vidsparse.plan import BlockPlan
 _METHOD_MODULES: dict[str, str] = {
     "dense": "vidsparse.methods.dense",
     "window": "vidsparse.methods.window",
+    "moba": "vidsparse.methods.moba",
 }
 
 
@@ -95,6 +96,42 @@ def make_config(method_or_config: str | SparseConfig, **overrides: Any) -> Spars
         f"method_or_config must be a method name ({', '.join(_METHOD_MODULES)}) or a config instance; "
         f"got {type(method_or_config).__name__}."
     )
+
+
+def _parse_value(text: str) -> Any:
+    """Parse one option value of a method spec: bool, None, int, float, a tuple (``a/b/c``) or a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    if "/" in text:
+        return tuple(_parse_value(part) for part in text.split("/"))
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_spec(spec: str) -> SparseConfig:
+    """Parse ``"name"`` or ``"name:opt=value,opt=value"`` (the CLI's method syntax) into a validated config.
+
+    Example: ``parse_method_spec("radial:density=0.25,faithful=true")``. Tuples are written with ``/``
+    (``tile=4/4/4``).
+    """
+    name, _, rest = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} is invalid: expected name=value.")
+        overrides[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    try:
+        return make_config(name.strip(), **overrides)
+    except TypeError as err:  # unknown option names: a usage error on the command line
+        raise ValueError(str(err)) from err
 
 
 _STATIC_CACHE: OrderedDict[tuple, BlockPlan] = OrderedDict()

@@ -25,8 +25,9 @@ class DenseConfig(SparseConfig):
     method: ClassVar[str] = "dense"
 
 
-def plan(q: torch.Tensor | None, k: torch.Tensor | None, layout: VideoLayout, config: DenseConfig,
-         ctx: PlanContext) -> BlockPlan:
+def plan(
+    q: torch.Tensor | None, k: torch.Tensor | None, layout: VideoLayout, config: DenseConfig, ctx: PlanContext
+) -> BlockPlan:
     """Every video block attends every video block (text dense as always)."""
     vb = num_blocks(layout.num_video_tokens, config.block_size)
     mask = torch.ones(1, 1, vb, vb, dtype=torch.bool)

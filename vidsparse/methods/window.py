@@ -43,8 +43,9 @@ def frame_spans(layout: VideoLayout, block_size: int) -> tuple[torch.Tensor, tor
     return starts // layout.tokens_per_frame, ends // layout.tokens_per_frame
 
 
-def plan(q: torch.Tensor | None, k: torch.Tensor | None, layout: VideoLayout, config: WindowConfig,
-         ctx: PlanContext) -> BlockPlan:
+def plan(
+    q: torch.Tensor | None, k: torch.Tensor | None, layout: VideoLayout, config: WindowConfig, ctx: PlanContext
+) -> BlockPlan:
     """Keep block pairs whose frame spans are within ``config.window`` frames."""
     first, last = frame_spans(layout, config.block_size)
     # Distance between the frame intervals [first_i, last_i] and [first_j, last_j] (0 when they overlap).

@@ -1,0 +1,32 @@
+"""Shared test helpers: random plans and inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from vidsparse.plan import BlockPlan, num_blocks
+
+
+def random_block_mask(b: int, h: int, qb: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    """bool [b, h, qb, qb] with about ``density`` of the entries set and the diagonal always set."""
+    mask = torch.rand(b, h, qb, qb, generator=generator) < density
+    idx = torch.arange(qb)
+    mask[:, :, idx, idx] = True
+    return mask
+
+
+def random_plan(
+    seq_len: int, block_size: int, *, b: int = 1, h: int = 1, density: float = 0.4, seed: int = 0, perm: bool = False
+) -> BlockPlan:
+    """A random valid plan (own block kept), optionally with a random token permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    qb = num_blocks(seq_len, block_size)
+    mask = random_block_mask(b, h, qb, density, gen)
+    p = torch.randperm(seq_len, generator=gen) if perm else None
+    return BlockPlan.from_block_mask(mask, block_size=block_size, seq_len=seq_len, perm=p)
+
+
+def qkv(b: int, s: int, h: int, d: int, *, seed: int = 0, dtype=torch.float32):
+    """Random q, k, v in diffusers layout [B, S, H, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, s, h, d, generator=gen).to(dtype) for _ in range(3))

@@ -1,0 +1,129 @@
+"""Pieces the sub-commands share.
+
+Loading a pipeline (embedded default, tiny, or a real checkpoint), the method options (``--method``, ``--density``,
+...), devices and dtypes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from vidsparse.config import SparseConfig
+from vidsparse.methods import method_names, parse_method_spec
+
+#: Method used when none is given on the command line.
+DEFAULT_METHOD = "window"
+#: ``--method`` value that leaves the pipeline untouched (stock diffusers attention).
+STOCK = "none"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def step_count(text: str) -> int | float:
+    """Parse a step count: ``"2"`` -> 2 steps, ``"0.25"`` -> a quarter of the run's steps."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step count (an int, or a fraction like 0.25)") from err
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model --device --dtype --seed``."""
+    from vidsparse.pipelines.tiny import default_model_name
+
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"'tiny-<name>' (offline pipelines, see `vidsparse models`; default tiny-{default_model_name()}), "
+        "or a hub id / local folder of a diffusers pipeline (real checkpoints: your machine, your download)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bf16 on CUDA")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_method_args(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_METHOD) -> None:
+    """``--method`` and the shared method options; ``--opt key=value`` for method-specific ones."""
+    parser.add_argument(
+        "--method",
+        default=default,
+        help=f"one of: {', '.join(method_names())}, or '{STOCK}' for stock attention; options may follow as "
+        "name:key=value,key=value (default: %(default)s)",
+    )
+    parser.add_argument("--density", type=float, help="target fraction of video block pairs computed, in (0, 1]")
+    parser.add_argument("--block-size", type=int, help="64 or 128")
+    parser.add_argument("--dense-steps", type=step_count, help="first N steps dense (int) or a fraction (float)")
+    parser.add_argument("--dense-last-steps", type=step_count, help="last N steps dense (int) or a fraction")
+    parser.add_argument("--dense-layers", type=int, help="first N transformer blocks dense")
+    parser.add_argument("--backend", help="auto, flex, triton or reference")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
+
+
+def method_config(args: argparse.Namespace) -> SparseConfig | None:
+    """The config chosen by the method arguments (``None`` for ``--method none``)."""
+    if args.method == STOCK:
+        return None
+    spec = args.method
+    extras = []
+    for flag in ("density", "block_size", "dense_steps", "dense_last_steps", "dense_layers", "backend"):
+        value = getattr(args, flag)
+        if value is not None:
+            extras.append(f"{flag}={value}")
+    extras.extend(args.opt)
+    if extras:
+        spec += ("," if ":" in spec else ":") + ",".join(extras)
+    return parse_method_spec(spec)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: default cuda when available; a clear error when CUDA is asked for but absent."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu.")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype``: default float32 on CPU, bfloat16 on CUDA."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_pipeline(model: str | None, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[Any, str]:
+    """Load ``--model``: ``tiny-<name>`` builds an offline pipeline; anything else goes to ``from_pretrained``.
+
+    Returns:
+        ``(pipeline, name)`` with the pipeline on ``device`` in ``dtype``.
+    """
+    from vidsparse.pipelines import tiny
+
+    if model is None:
+        model = f"tiny-{tiny.default_model_name()}"
+    if model.startswith("tiny-"):
+        pipe = tiny.build(model[len("tiny-") :], seed=seed)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    pipe.to(device=device)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe, model

@@ -1,0 +1,296 @@
+"""The root hook and the runtime it feeds: step index per cache context, latent grid, dense/sparse decisions.
+
+diffusers attention processors never see the denoising step or the latent grid. vidsparse gets both from one
+stateful :class:`~diffusers.hooks.ModelHook` on each transformer (the *root hook*):
+
+- the pipeline wraps every denoiser call in ``transformer.cache_context("cond" | "uncond" | "cond_uncond")``;
+  diffusers hands that context to every ``StateManager`` of a stateful hook, so the step counter here is kept per
+  context (split CFG counts cond and uncond separately; batched CFG counts once);
+- a transformer called directly, outside a pipeline, gets the context ``"default"`` and counts one step per call;
+  call :meth:`SparseRuntime.reset` between such generations;
+- the latent grid comes from the forward's ``hidden_states`` and the model's patch size (family adapter);
+- at the end of a generation the pipeline calls ``reset_state`` (``maybe_free_model_hooks``): counters restart and
+  per-layer method state (cached patterns) is dropped.
+
+Both transformers of a Wan 2.2 two-expert pipeline share one :class:`SparseRuntime` and one ``StateManager``, so the
+step count continues when the pipeline switches experts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+
+from .config import SparseConfig, resolve_step_count
+from .layout import VideoLayout
+from .methods import PlanContext, build_plan
+from .plan import BlockPlan
+
+if TYPE_CHECKING:
+    from vidsparse.pipelines.base import FamilyAdapter
+
+HOOK_NAME = "vidsparse"
+DEFAULT_CONTEXT = "default"
+
+
+class StepState(BaseState):
+    """Per-cache-context state: the step counter of that context."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        """Back to "no step yet"."""
+        self.step = -1
+
+
+@dataclass
+class CallInfo:
+    """What the root hook learned about the transformer call in progress.
+
+    Attributes:
+        model_index: Which transformer of the handle (0 = ``transformer``, 1 = ``transformer_2``).
+        context: Cache-context name.
+        step: Step index in that context (0-based).
+        num_steps: Steps of the run, when known.
+        timestep: Scheduler timestep of the call (first element), when the forward received one.
+        grid: Latent token grid (T', H', W') of the video, or None when the adapter could not tell.
+    """
+
+    model_index: int
+    context: str
+    step: int
+    num_steps: int | None
+    timestep: float | None
+    grid: tuple[int, int, int] | None
+
+
+@dataclass
+class CallRecord:
+    """One attention call, for :meth:`SparseRuntime.stats`."""
+
+    model_index: int
+    layer: int
+    step: int
+    context: str
+    sparse: bool
+    reason: str
+    density: torch.Tensor | float | None = None
+    plan_ms: float = 0.0
+    tokens: int = 0
+
+
+class SparseRuntime:
+    """Shared state of one :func:`vidsparse.apply` handle: config, step state, per-layer stores, call statistics.
+
+    Args:
+        config: The method config (None for :func:`vidsparse.attach`, where processors carry their own).
+        num_steps_fn: Returns the run's number of steps when the hook context does not say (e.g. from the
+            pipeline's scheduler); may return None.
+    """
+
+    def __init__(self, config: SparseConfig | None, num_steps_fn: Callable[[], int | None] | None = None) -> None:
+        self.config = config
+        self.state_manager = StateManager(StepState)
+        self.num_steps_fn = num_steps_fn
+        self.num_steps_override: int | None = None
+        self.current: CallInfo | None = None
+        self.records: list[CallRecord] = []
+        self.stores: dict[tuple[int, int, str], dict[str, Any]] = {}
+        self.record_stats = True
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def reset(self) -> None:
+        """Forget step counters and per-layer method state (cached patterns): a new generation starts."""
+        self.state_manager.reset()
+        self.stores.clear()
+        self.current = None
+
+    def clear_stats(self) -> None:
+        """Drop the recorded per-call statistics."""
+        self.records.clear()
+
+    # ------------------------------------------------------------------------------------------ root hook
+    def begin_call(self, model_index: int, grid: tuple[int, int, int] | None, timestep: Any) -> bool:
+        """Advance the step of the current context; returns True when the hook set a default context itself."""
+        own_context = self.state_manager._context is None
+        if own_context:
+            self.state_manager.set_context(CacheContext(DEFAULT_CONTEXT))
+        ctx = self.state_manager._context
+        state = self.state_manager.get_state()
+        state.step += 1
+        num_steps = self.num_steps_override or ctx.num_inference_steps
+        if num_steps is None and self.num_steps_fn is not None:
+            num_steps = self.num_steps_fn()
+        ts = None
+        if isinstance(timestep, torch.Tensor) and timestep.numel():
+            ts = float(timestep.reshape(-1)[0])
+        elif isinstance(timestep, int | float):
+            ts = float(timestep)
+        self.current = CallInfo(model_index, ctx.name, state.step, num_steps, ts, grid)
+        return own_context
+
+    def end_call(self, own_context: bool) -> None:
+        """Undo a default context set by :meth:`begin_call` (the step counter itself persists)."""
+        if own_context:
+            self.state_manager.set_context(None)
+
+    # ------------------------------------------------------------------------------------------ decisions
+    def call_info(self, attn: torch.nn.Module) -> CallInfo:
+        """The info of the call in progress; raises when the root hook is missing."""
+        if getattr(attn, "_vidsparse_runtime", None) is not self or self.current is None:
+            raise RuntimeError(
+                "This vidsparse processor runs without its root hook. Install it with "
+                "`vidsparse.apply(pipe, method)` (or `vidsparse.attach(pipe)` after `set_attn_processor`)."
+            )
+        return self.current
+
+    @torch.compiler.disable
+    def dense_reason(self, attn: torch.nn.Module, config: SparseConfig, num_video_tokens: int) -> str | None:
+        """Why this self-attention call runs dense (``None``: it runs sparse). Records dense calls."""
+        info = self.call_info(attn)
+        layer = attn._vidsparse_layer
+        reason = None
+        if layer < config.dense_layers:
+            reason = "dense_layers"
+        else:
+            ns = info.num_steps
+            if info.step < resolve_step_count(config.dense_steps, ns):
+                reason = "dense_steps"
+            elif ns is not None and info.step >= ns - resolve_step_count(config.dense_last_steps, ns):
+                reason = "dense_last_steps"
+            elif (
+                config.dense_above_timestep is not None
+                and info.timestep is not None
+                and info.timestep > config.dense_above_timestep
+            ):
+                reason = "dense_above_timestep"
+            elif num_video_tokens < config.min_tokens:
+                reason = "min_tokens"
+        if reason is not None and self.record_stats:
+            self.records.append(
+                CallRecord(info.model_index, layer, info.step, info.context, False, reason, tokens=num_video_tokens)
+            )
+        return reason
+
+    @torch.compiler.disable
+    def plan(
+        self, attn: torch.nn.Module, config: SparseConfig, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout
+    ) -> BlockPlan:
+        """Plan this call with ``config``'s method (static plans come from the geometry cache); records it."""
+        info = self.call_info(attn)
+        layer = attn._vidsparse_layer
+        store = self.stores.setdefault((info.model_index, layer, info.context), {})
+        ctx = PlanContext(layer=layer, step=info.step, num_steps=info.num_steps, context=info.context, store=store)
+        start = time.perf_counter()
+        plan = build_plan(config, q, k, layout, ctx)
+        if self.record_stats:
+            self.records.append(
+                CallRecord(
+                    info.model_index,
+                    layer,
+                    info.step,
+                    info.context,
+                    True,
+                    "sparse",
+                    plan.mean_density,
+                    (time.perf_counter() - start) * 1000,
+                    layout.num_video_tokens,
+                )
+            )
+        return plan
+
+    # ------------------------------------------------------------------------------------------- reports
+    def stats(self) -> list[dict[str, Any]]:
+        """One dict per recorded self-attention call: model, layer, step, context, sparse, reason, density, plan_ms."""
+        rows = []
+        for r in self.records:
+            density = r.density
+            if isinstance(density, torch.Tensor):
+                density = float(density)
+            rows.append(
+                {
+                    "model": r.model_index,
+                    "layer": r.layer,
+                    "step": r.step,
+                    "context": r.context,
+                    "sparse": r.sparse,
+                    "reason": r.reason,
+                    "density": density if r.sparse else 1.0,
+                    "plan_ms": r.plan_ms,
+                    "tokens": r.tokens,
+                }
+            )
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregate of :meth:`stats`: call counts, mean density of sparse calls, mean density over all calls."""
+        rows = self.stats()
+        sparse = [r for r in rows if r["sparse"]]
+        return {
+            "calls": len(rows),
+            "sparse_calls": len(sparse),
+            "sparse_density": (sum(r["density"] for r in sparse) / len(sparse)) if sparse else None,
+            "overall_density": (sum(r["density"] for r in rows) / len(rows)) if rows else None,
+            "plan_ms": sum(r["plan_ms"] for r in sparse),
+        }
+
+
+class VidSparseRootHook(ModelHook):
+    """The stateful root hook on a transformer: counts steps per cache context and publishes grid and timestep.
+
+    The ``state_manager`` attribute is the runtime's (shared by all transformers of a handle): diffusers'
+    ``cache_context`` finds it by type among the hook's attributes and sets the context on it.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, runtime: SparseRuntime, adapter: FamilyAdapter, model_index: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.state_manager = runtime.state_manager
+        self.adapter = adapter
+        self.model_index = model_index
+        self._own_context: list[bool] = []
+
+    @torch.compiler.disable
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
+        """Count the step and publish grid and timestep before the transformer runs."""
+        grid = self.adapter.grid_from_forward(module, args, kwargs)
+        timestep = kwargs.get("timestep", None)
+        self._own_context.append(self.runtime.begin_call(self.model_index, grid, timestep))
+        return args, kwargs
+
+    @torch.compiler.disable
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        """Clear a default context set in :meth:`pre_forward`."""
+        self.runtime.end_call(self._own_context.pop() if self._own_context else False)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """End of a generation (diffusers calls this from ``maybe_free_model_hooks``)."""
+        self.runtime.reset()
+        return module
+
+
+def install_root_hook(transformer: torch.nn.Module, hook: VidSparseRootHook) -> None:
+    """Register ``hook`` under :data:`HOOK_NAME` (an existing one is an error: one handle per transformer)."""
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise RuntimeError(
+            f"vidsparse is already applied to this {type(transformer).__name__}; call `handle.remove()` (or "
+            "`vidsparse.remove(pipe)`) before applying again."
+        )
+    registry.register_hook(hook, HOOK_NAME)
+
+
+def remove_root_hook(transformer: torch.nn.Module) -> None:
+    """Remove the root hook from ``transformer`` (no-op when absent)."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
