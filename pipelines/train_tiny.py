@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from vidsparse.eval import procedural
 
 from .pixel_vae import PixelShuffleVAE

@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+
 from vidsparse.eval.locality import _LocalityRecorder, attention_locality
 
 

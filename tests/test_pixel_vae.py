@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from vidsparse.pipelines.pixel_vae import PixelShuffleVAE
 
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+
 from vidsparse.pipelines import train_tiny as T
 
 TINY_RUN = T.TrainConfig(phases=(T.Phase(2, 1, 2), T.Phase(1, 3, 1)), height=16, width=16, checkpoint_every_s=0.0)
