@@ -457,4 +457,15 @@ def export(out_dir: str | os.PathLike, target: str | os.PathLike) -> Path:
     pipe = load_checkpoint_pipeline(out_dir)
     target = Path(target)
     pipe.save_pretrained(target, safe_serialization=True)
+    # transformers 5 records the tokenizer class as "TokenizersBackend", a name 4.x lacks; both know it as
+    # PreTrainedTokenizerFast. Drop the machine-specific loading flags it also writes.
+    index_path, tok_path = target / "model_index.json", target / "tokenizer" / "tokenizer_config.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    tok = json.loads(tok_path.read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):
+        tok.pop(key, None)
+    tok_path.write_text(json.dumps(tok, indent=2) + "\n")
     return target
