@@ -208,7 +208,7 @@ def _random_shape(rng: np.random.Generator, color: str, aspect: float, motions: 
     kind = str(rng.choice(list(SHAPES)))
     allowed = [m for m in motions if not (m == "rotates" and kind in _ROUND_SHAPES)] or ["stays still"]
     motion = str(rng.choice(allowed))
-    size = float(rng.uniform(0.11, 0.17))
+    size = float(rng.uniform(0.14, 0.2))
     span = float(rng.uniform(0.4, 0.55))  # distance covered over the reference length by "moves ..."
     speed = span / REFERENCE_FRAMES
     margin = size + 0.04
@@ -227,15 +227,15 @@ def _random_shape(rng: np.random.Generator, color: str, aspect: float, motions: 
     elif motion == "rotates":
         speed = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.0) * math.pi / REFERENCE_FRAMES)
     elif motion == "grows":
-        size = float(rng.uniform(0.07, 0.1))
+        size = float(rng.uniform(0.09, 0.12))
         speed = float(rng.uniform(1.2, 1.6)) / REFERENCE_FRAMES
         x = float(rng.uniform(0.3, aspect - 0.3))
         y = float(rng.uniform(0.3, 0.7))
     elif motion == "shrinks":
-        size = float(rng.uniform(0.18, 0.24))
+        size = float(rng.uniform(0.22, 0.28))
         speed = float(rng.uniform(0.55, 0.7)) / REFERENCE_FRAMES
-        x = float(rng.uniform(0.28, aspect - 0.28))
-        y = float(rng.uniform(0.28, 0.72))
+        x = float(rng.uniform(0.3, aspect - 0.3))
+        y = float(rng.uniform(0.3, 0.7))
     angle = float(rng.uniform(0, 2 * math.pi))
     return ShapeSpec(kind=kind, color=color, motion=motion, x=x, y=y, size=size, angle=angle, speed=speed)
 

@@ -86,7 +86,9 @@ class TrainConfig:
     Attributes:
         phases: The curriculum, run in order; the learning-rate schedule spans all of it.
         height, width: Training resolution (pixels; multiples of 4).
-        lr, warmup_steps, min_lr_ratio: AdamW learning rate, linear warm-up, cosine decay down to ``lr * ratio``.
+        lr, warmup_steps, decay_steps, min_lr_ratio: AdamW learning rate: linear warm-up, constant, then a cosine
+            decay to ``lr * min_lr_ratio`` over the last ``decay_steps`` (warm-up/stable/decay: a run can be
+            extended before its decay starts without changing any step already taken).
         weight_decay: AdamW weight decay.
         ema_decay: Decay of the exponential moving average of the weights (the exported weights).
         caption_dropout: Fraction of captions replaced by the empty prompt (enables classifier-free guidance).
@@ -99,11 +101,12 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` for the run.
     """
 
-    phases: tuple[Phase, ...] = (Phase(600, 1, 16), Phase(1400, 5, 4), Phase(300, 15, 2), Phase(200, 31, 1))
+    phases: tuple[Phase, ...] = (Phase(600, 1, 16), Phase(3000, 5, 4), Phase(400, 15, 2), Phase(300, 31, 1))
     height: int = 64
     width: int = 64
     lr: float = 1.5e-3
     warmup_steps: int = 100
+    decay_steps: int = 600
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.0
     ema_decay: float = 0.998
@@ -131,11 +134,28 @@ class TrainConfig:
         return self.phases[-1]
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of step ``step``: linear warm-up, then cosine decay to ``lr * min_lr_ratio``."""
+        """Learning rate of step ``step``: linear warm-up, constant, cosine decay over the last ``decay_steps``."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - 1 - self.warmup_steps))
+        decay_start = max(self.warmup_steps, self.total_steps - self.decay_steps)
+        if step < decay_start:
+            return self.lr
+        progress = min(1.0, (step - decay_start) / max(1, self.total_steps - 1 - decay_start))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def same_history(self, other: TrainConfig, steps: int) -> bool:
+        """Whether ``other`` runs steps ``0 .. steps-1`` exactly as this config does.
+
+        Same settings, and the same phase (frames, batch) and learning rate at every one of those steps: the
+        condition for resuming a run with ``other``, e.g. a longer curriculum.
+        """
+        mine, theirs = self.to_json(), other.to_json()
+        mine.pop("phases"), theirs.pop("phases")
+        return mine == theirs and all(
+            (self.phase_at(i).frames, self.phase_at(i).batch) == (other.phase_at(i).frames, other.phase_at(i).batch)
+            and self.lr_at(i) == other.lr_at(i)
+            for i in range(steps)
+        )
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (phases as lists)."""
@@ -327,7 +347,8 @@ def train(
             ``train_log.jsonl`` (one JSON line per ``log_every``
             steps: step, phase frames, mean loss, learning rate, elapsed seconds over all runs).
         config: The run's settings; ``None`` resumes with the saved ones (or the defaults for a new run). A config
-            that differs from the saved one raises ``ValueError``.
+            that differs from the saved one must agree with it on every step already taken
+            (:meth:`TrainConfig.same_history`), else ``ValueError``.
         max_minutes: Wall-clock budget of this call; a checkpoint is written when it runs out.
         log_every: Steps per line of ``train_log.jsonl``.
 
@@ -340,8 +361,16 @@ def train(
     if config_path.exists():
         saved = TrainConfig.from_json(json.loads(config_path.read_text()))
         if config is not None and config.to_json() != saved.to_json():
-            raise ValueError(f"config differs from the one saved in {str(config_path)!r}; use a new out_dir.")
-        config = saved
+            taken = int(torch.load(ckpt_path, weights_only=True)["step"]) if ckpt_path.exists() else 0
+            if not config.same_history(saved, taken):
+                raise ValueError(
+                    f"config differs from the one saved in {str(config_path)!r} for steps already taken ({taken}): "
+                    "a run can only be extended (more steps in its current or later phases, before the decay); "
+                    "use a new out_dir."
+                )
+            with log_path.open("a") as log:
+                log.write(json.dumps({"extended_at_step": taken, "phases": config.to_json()["phases"]}) + "\n")
+        config = config or saved
     config = config or TrainConfig()
     config_path.write_text(json.dumps(config.to_json(), indent=1))
     torch.set_num_threads(config.threads)

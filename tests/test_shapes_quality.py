@@ -21,7 +21,8 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def rows():
     pipe = load_pipeline()
-    return {r["method"]: r for r in method_psnrs(pipe, density=0.5, **{**DEFAULT_GEOMETRY, "num_inference_steps": STEPS})}
+    geometry = {**DEFAULT_GEOMETRY, "num_inference_steps": STEPS}
+    return {r["method"]: r for r in method_psnrs(pipe, density=0.5, **geometry)}
 
 
 @pytest.mark.parametrize("method", [m for m in method_names() if m != "dense"])

@@ -80,3 +80,20 @@ def test_export_loads_with_from_pretrained(tmp_path):
     assert type(pipe.vae).__name__ == "PixelShuffleVAE" and pipe.vae.config.z_dim == 24
     video = pipe("a red circle", num_frames=3, height=16, width=16, num_inference_steps=1, output_type="np").frames[0]
     assert video.shape == (3, 16, 16, 3)
+
+
+def test_warmup_stable_decay_schedule_and_extension(tmp_path):
+    short = T.TrainConfig(
+        phases=(T.Phase(3, 1, 1), T.Phase(2, 3, 1)), height=16, width=16, warmup_steps=1, decay_steps=2
+    )
+    assert short.lr_at(0) == short.lr_at(2) == short.lr  # warm-up of 1 step, then constant until the decay
+    assert short.lr_at(4) == pytest.approx(short.lr * short.min_lr_ratio)
+    longer = T.TrainConfig(**{**short.__dict__, "phases": (T.Phase(5, 1, 1), T.Phase(2, 3, 1))})
+    assert longer.same_history(short, 3) and not longer.same_history(short, 4)  # step 3 changes phase
+
+    T.train(tmp_path, short, max_minutes=0.0)  # one step taken
+    assert T.train(tmp_path, longer)["step"] == 7  # extension accepted: same first step
+    log = (tmp_path / "train_log.jsonl").read_text()
+    assert '"extended_at_step": 1' in log
+    with pytest.raises(ValueError, match="only be extended"):
+        T.train(tmp_path, short)

@@ -45,7 +45,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("run_dir", help="folder of the run: checkpoint.pt, config.json, train_log.jsonl")
     p.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
-    p.add_argument("--phases", type=_phases, default=None, help="new runs: curriculum STEPSxFRAMESxBATCH,...")
+    p.add_argument(
+        "--phases",
+        type=_phases,
+        default=None,
+        help="curriculum STEPSxFRAMESxBATCH,... (new runs; or a longer one for an existing run, before its decay)",
+    )
     p.add_argument("--lr", type=float, default=None, help="new runs: peak learning rate")
     p.add_argument("--seed", type=int, default=None, help="new runs: seed of data, noise and initial weights")
     p.add_argument("--export", metavar="DIR", default=None, help="write the EMA weights as a pipeline folder to DIR")
@@ -53,20 +58,27 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train/resume unless ``--export`` is given alone; then export. Prints a JSON summary."""
+    """Train/resume/extend unless ``--export`` is given alone; then export. Prints a JSON summary."""
+    import dataclasses
     from pathlib import Path
 
     from vidsparse.pipelines import train_tiny
 
     overrides = {k: v for k, v in (("phases", args.phases), ("lr", args.lr), ("seed", args.seed)) if v is not None}
-    if overrides and (Path(args.run_dir) / "config.json").exists():
-        raise ValueError(f"run_dir={args.run_dir!r} already holds a run; --phases/--lr/--seed only apply to new runs.")
-    if args.export is not None and args.minutes is None and not overrides:
+    saved = Path(args.run_dir) / "config.json"
+    config = None
+    if overrides and saved.exists():
+        if set(overrides) != {"phases"}:
+            raise ValueError(f"run_dir={args.run_dir!r} already holds a run; --lr/--seed only apply to new runs.")
+        # Extending a run: its saved settings with the new phases (train() checks that the past is unchanged).
+        config = dataclasses.replace(train_tiny.TrainConfig.from_json(json.loads(saved.read_text())), **overrides)
+    elif overrides:
+        config = train_tiny.TrainConfig(**overrides)
+    if args.export is not None and args.minutes is None and config is None:
         if not (Path(args.run_dir) / "checkpoint.pt").exists():
             raise FileNotFoundError(f"{args.run_dir!r} holds no checkpoint.pt to export.")
         print(json.dumps({"exported": str(train_tiny.export(args.run_dir, args.export))}))
         return 0
-    config = train_tiny.TrainConfig(**overrides) if overrides else None
     summary = train_tiny.train(args.run_dir, config, max_minutes=args.minutes)
     if args.export is not None:
         summary["exported"] = str(train_tiny.export(args.run_dir, args.export))
