@@ -27,14 +27,21 @@ from .metrics import psnr
 PROMPT = "a red circle moves right over a plain gray background"
 
 
-def config_at_density(method: str, density: float) -> SparseConfig:
-    """The method's config at ``density``, or its default config when it has no usable density option.
+#: Settings under which a method takes a target density (moba's default threshold selection derives its density
+#: from ``tau``; its top-k selection keeps the ``density`` fraction of chunks).
+DENSITY_SETTINGS: dict[str, dict[str, Any]] = {"moba": {"selection": "topk"}}
 
-    "No usable density option" is decided by the config itself: if ``make_config(method, density=...)`` raises
-    ``ValueError``/``TypeError`` (e.g. a method whose density follows from other parameters), the default is used.
+
+def config_at_density(method: str, density: float) -> SparseConfig:
+    """The method's config at ``density``, or its default config when it has no density option.
+
+    Uses :data:`DENSITY_SETTINGS` where a method needs other settings to take a density. "No density option" is
+    decided by the config itself: if ``make_config(method, density=...)`` raises ``ValueError``/``TypeError``, the
+    default config is used. (A config may also accept ``density`` and not use it: compare the measured density
+    that :func:`method_psnrs` reports.)
     """
     try:
-        return make_config(method, density=density)
+        return make_config(method, density=density, **DENSITY_SETTINGS.get(method, {}))
     except (TypeError, ValueError):
         return make_config(method)
 

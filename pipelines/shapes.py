@@ -71,8 +71,9 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     """
     from diffusers import WanPipeline
 
-    # model_index.json names the VAE class by module; diffusers only loads classes of modules already imported.
-    from . import pixel_vae  # noqa: F401
+    # model_index.json names the VAE and scheduler classes by module; diffusers only loads classes of modules
+    # already imported.
+    from . import flow_x0, pixel_vae  # noqa: F401
 
     folder = Path(path) if path is not None else model_dir()
     if not (folder / "model_index.json").is_file():

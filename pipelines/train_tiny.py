@@ -35,11 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidsparse.config import check_choice
 from vidsparse.eval import procedural
 
+from .flow_x0 import FlowMatchEulerX0Scheduler
 from .pixel_vae import PixelShuffleVAE
 from .text import build_umt5_encoder, build_word_tokenizer
 
+#: What the transformer can be trained to output (see :class:`TrainConfig`).
+PREDICTIONS = ("x0", "velocity")
 #: Text length ``WanPipeline`` pads prompts to (its ``max_sequence_length`` default).
 PIPELINE_TEXT_LENGTH = 512
 #: Width of the text encoder's output (``text_dim`` of the transformer).
@@ -93,6 +97,8 @@ class TrainConfig:
         ema_decay: Decay of the exponential moving average of the weights (the exported weights).
         caption_dropout: Fraction of captions replaced by the empty prompt (enables classifier-free guidance).
         timestep_shift: Shift applied to the logit-normal σ samples (see :data:`SCHEDULER_SHIFT`).
+        prediction: What the transformer outputs: ``"x0"`` (the clean clip; sampled with
+            :class:`~vidsparse.pipelines.flow_x0.FlowMatchEulerX0Scheduler`) or ``"velocity"`` (``ε - x0``, stock).
         max_shapes: Shapes per clip (1 to 3).
         backgrounds: Background kinds drawn uniformly (a repeated kind is drawn more often).
         pan_probability: Chance of a camera pan in a clip.
@@ -112,6 +118,7 @@ class TrainConfig:
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     timestep_shift: float = SCHEDULER_SHIFT
+    prediction: str = "x0"
     max_shapes: int = 1
     backgrounds: tuple[str, ...] = ("plain", "gradient")
     pan_probability: float = 0.15
@@ -191,7 +198,7 @@ def data_statistics(height: int = 64, width: int = 64, clips: int = 64, seed: in
     return float(data.mean()), float(data.std())
 
 
-def build_untrained_pipeline(seed: int = 0, *, text_dir: str | os.PathLike | None = None):
+def build_untrained_pipeline(seed: int = 0, *, text_dir: str | os.PathLike | None = None, prediction: str = "x0"):
     """Build a ``WanPipeline`` with the shapes architecture, a random transformer and the frozen text side.
 
     Args:
@@ -199,6 +206,7 @@ def build_untrained_pipeline(seed: int = 0, *, text_dir: str | os.PathLike | Non
         text_dir: A folder with ``tokenizer/`` and ``text_encoder/`` saved by a training run: load them from there
             (a run's text side must never change, and a library update could change how a seed initialises it).
             ``None`` builds them in memory (:func:`~vidsparse.pipelines.text.build_umt5_encoder`).
+        prediction: ``"x0"`` or ``"velocity"``: picks the scheduler that matches the transformer's output.
 
     Returns:
         ``WanPipeline`` (tokenizer, frozen UMT5 text encoder, :class:`PixelShuffleVAE` normalised to unit variance,
@@ -225,7 +233,9 @@ def build_untrained_pipeline(seed: int = 0, *, text_dir: str | os.PathLike | Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
+    check_choice("prediction", prediction, PREDICTIONS)
+    scheduler_class = FlowMatchEulerX0Scheduler if prediction == "x0" else FlowMatchEulerDiscreteScheduler
+    scheduler = scheduler_class(shift=SCHEDULER_SHIFT)
     return WanPipeline(
         transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
     )
@@ -305,12 +315,18 @@ def sample_batch(pipe, config: TrainConfig, step: int, *, frames: int, batch: in
 
 
 def flow_matching_loss(
-    transformer, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator, shift: float = 1.0
+    transformer,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    generator: torch.Generator,
+    shift: float = 1.0,
+    prediction: str = "x0",
 ) -> torch.Tensor:
     """Rectified-flow loss on ``latents [B, C, T, H, W]`` with shifted logit-normal σ (mean 0, std 1, ``shift``).
 
-    ``x_σ = (1 - σ) x0 + σ ε``; the transformer gets timestep ``1000 σ`` (as ``WanPipeline`` passes it) and must
-    predict ``ε - x0``.
+    ``x_σ = (1 - σ) x0 + σ ε``; the transformer gets timestep ``1000 σ`` (as ``WanPipeline`` passes it). The loss
+    is the velocity MSE against ``ε - x0`` in both cases; with ``prediction="x0"`` the transformer outputs x̂0 and
+    the velocity is ``(x_σ - x̂0) / max(σ, 0.05)`` (x-prediction, v-loss; the floor keeps low-noise weights finite).
     """
     b = latents.shape[0]
     sigma = torch.sigmoid(torch.randn(b, generator=generator))
@@ -319,6 +335,8 @@ def flow_matching_loss(
     s = sigma.view(b, 1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
     pred = transformer(noisy, sigma * 1000.0, context, return_dict=False)[0]
+    if prediction == "x0":
+        pred = (noisy - pred) / s.clamp(min=0.05)
     return torch.nn.functional.mse_loss(pred, noise - latents)
 
 
@@ -376,7 +394,9 @@ def train(
     torch.set_num_threads(config.threads)
 
     text_dir = out / "text"
-    pipe = build_untrained_pipeline(config.seed, text_dir=text_dir if text_dir.exists() else None)
+    pipe = build_untrained_pipeline(
+        config.seed, text_dir=text_dir if text_dir.exists() else None, prediction=config.prediction
+    )
     if not text_dir.exists():
         save_text_side(pipe, text_dir)
     transformer = pipe.transformer.train()
@@ -422,7 +442,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            loss = flow_matching_loss(transformer, latents, context, generator, config.timestep_shift)
+            loss = flow_matching_loss(
+                transformer, latents, context, generator, config.timestep_shift, config.prediction
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -469,7 +491,7 @@ def load_checkpoint_pipeline(out_dir: str | os.PathLike, *, use_ema: bool = True
     """Load a training run's pipeline with its current (EMA by default) transformer weights."""
     out = Path(out_dir)
     config = TrainConfig.from_json(json.loads((out / "config.json").read_text()))
-    pipe = build_untrained_pipeline(config.seed, text_dir=out / "text")
+    pipe = build_untrained_pipeline(config.seed, text_dir=out / "text", prediction=config.prediction)
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     pipe.transformer.load_state_dict(state["ema" if use_ema else "model"])
     pipe.transformer.eval()
