@@ -100,6 +100,7 @@ class TrainConfig:
         prediction: What the transformer outputs: ``"x0"`` (the clean clip; sampled with
             :class:`~vidsparse.pipelines.flow_x0.FlowMatchEulerX0Scheduler`) or ``"velocity"`` (``ε - x0``, stock).
         max_shapes: Shapes per clip (1 to 3).
+        placement: Where shapes start (:data:`~vidsparse.eval.procedural.PLACEMENTS`).
         backgrounds: Background kinds drawn uniformly (a repeated kind is drawn more often).
         pan_probability: Chance of a camera pan in a clip.
         seed: Seeds the data, the noise and the initial weights.
@@ -107,7 +108,7 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` for the run.
     """
 
-    phases: tuple[Phase, ...] = (Phase(600, 1, 16), Phase(3000, 5, 4), Phase(400, 15, 2), Phase(300, 31, 1))
+    phases: tuple[Phase, ...] = (Phase(400, 1, 16), Phase(1200, 5, 4), Phase(600, 15, 2), Phase(300, 31, 1))
     height: int = 64
     width: int = 64
     lr: float = 1.5e-3
@@ -120,6 +121,7 @@ class TrainConfig:
     timestep_shift: float = SCHEDULER_SHIFT
     prediction: str = "x0"
     max_shapes: int = 1
+    placement: str = "canonical"
     backgrounds: tuple[str, ...] = ("plain", "gradient")
     pan_probability: float = 0.15
     seed: int = 0
@@ -176,6 +178,7 @@ class TrainConfig:
         data = dict(data)
         data["phases"] = tuple(Phase(**p) for p in data["phases"])
         data["backgrounds"] = tuple(data["backgrounds"])
+        data.setdefault("placement", "random")  # runs saved before placement existed drew random starts
         return cls(**data)
 
 
@@ -303,8 +306,12 @@ def sample_batch(pipe, config: TrainConfig, step: int, *, frames: int, batch: in
             max_shapes=config.max_shapes,
             backgrounds=config.backgrounds,
             pan_probability=config.pan_probability,
+            placement=config.placement,
         )
-        start = int(rng.integers(0, max(1, procedural.REFERENCE_FRAMES - frames + 1)))
+        # Random placement: a random temporal crop. Canonical: always from frame 0, as rendered, so that the clip (and
+        # where the shape is at each latent frame) follows from the caption alone.
+        last_start = 0 if config.placement == "canonical" else procedural.REFERENCE_FRAMES - frames
+        start = int(rng.integers(0, max(1, last_start + 1)))
         clip = procedural.render(spec, frames, config.height, config.width, start_frame=start)
         videos.append(torch.from_numpy(clip).permute(3, 0, 1, 2) * 2.0 - 1.0)  # [3, F, H, W] in [-1, 1]
         captions.append("" if rng.random() < config.caption_dropout else procedural.caption(spec))
