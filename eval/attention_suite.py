@@ -4,13 +4,13 @@ For each geometry, structured inputs come from :mod:`vidsparse.eval.synthetic`; 
 each method config plans and runs through the same executor, and the suite records density, relative L2 error,
 cosine similarity and planning time. This is the quality yardstick of methods on raw tensors (cheap, CPU-only).
 
+    vidsparse eval attention --json out.json          # every registered method x density
     python -m vidsparse.eval.attention_suite --methods radial:density=0.25 window:window=1 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +21,10 @@ import torch
 from vidsparse.config import SparseConfig
 from vidsparse.kernels import block_sparse_attention
 from vidsparse.layout import VideoLayout
-from vidsparse.methods import PlanContext, build_plan, parse_method_spec
+from vidsparse.methods import PlanContext, build_plan
 from vidsparse.plan import BlockPlan
 
+from .specs import canonical_spec
 from .synthetic import DEFAULT_HEAD_MIX, output_error, synthetic_qkv
 
 #: Default geometries (latent tokens): a short 480p-like clip and a small one.
@@ -72,6 +73,7 @@ def evaluate(
     out = block_sparse_attention(inputs.q, inputs.k, inputs.v, plan, backend=backend)
     return {
         "method": config.method,
+        "spec": canonical_spec(config),
         "config": config.to_dict(),
         "geometry": list(inputs.layout.grid),
         "tokens": inputs.layout.seq_len,
@@ -99,42 +101,112 @@ def run_suite(
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A markdown table of suite rows."""
+    """A markdown table of suite rows: one line per (geometry, method configuration)."""
     lines = [
-        "| method | options | tokens | density | rel. L2 error | cosine | plan ms |",
+        "| geometry | method | target density | measured density | rel. L2 error | cosine | plan ms |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cfg = {k: v for k, v in r["config"].items() if k not in ("method", "backend")}
-        opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if v not in (None, 0) or k == "density")
+        grid = "x".join(map(str, r["geometry"]))
+        target = r["config"].get("density")
+        target_text = "–" if target is None else f"{target:g}"
         lines.append(
-            f"| {r['method']} | {opts} | {r['tokens']} | {r['density']:.3f} | {r['rel_l2']:.4f} | "
-            f"{r['cosine']:.4f} | {r['plan_ms']:.1f} |"
+            f"| {grid} | {r['spec']} | {target_text} | {r['density']:.3f} | {r['rel_l2']:.4f} | {r['cosine']:.4f} | "
+            f"{r['plan_ms']:.1f} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``python -m vidsparse.eval.attention_suite --methods ... [--json PATH]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", required=True, help="method specs, e.g. radial:density=0.25")
-    parser.add_argument("--geometry", nargs="+", default=["9x30x52"], help="latent grids TxHxW")
+#: Densities of the default suite (methods without a density target run once).
+DEFAULT_DENSITIES: tuple[float, ...] = (0.125, 0.25, 0.5)
+
+
+def parse_geometry(text: str) -> tuple[int, int, int]:
+    """``"9x30x52"`` -> ``(9, 30, 52)`` (latent frames x height x width in tokens); ValueError naming the value."""
+    parts = text.lower().split("x")
+    try:
+        grid = tuple(int(x) for x in parts)
+    except ValueError:
+        grid = ()
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"--geometry {text!r} is invalid: expected TxHxW latent tokens, e.g. 9x30x52.")
+    return grid
+
+
+def add_suite_args(parser: argparse.ArgumentParser) -> None:
+    """The suite's command-line options (``vidsparse eval attention`` and ``python -m ...attention_suite``)."""
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="method specs, e.g. radial:density=0.25 (default: every registered method)",
+    )
+    parser.add_argument(
+        "--densities",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_DENSITIES),
+        help="densities for methods with a density target (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--geometry", nargs="+", default=["x".join(map(str, g)) for g in DEFAULT_GEOMETRIES], help="latent grids TxHxW"
+    )
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--json", help="write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    configs = [parse_method_spec(s) for s in args.methods]
-    geometries = [tuple(int(x) for x in g.lower().split("x")) for g in args.geometry]
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the suite for parsed arguments: print the table, write ``--json``; returns the exit status."""
+    from vidsparse.methods import method_names
+
+    from .results import write_json_atomic
+    from .specs import expand_methods
+
+    runs = expand_methods(args.methods or method_names(), args.densities)
+    geometries = [parse_geometry(g) for g in args.geometry]
     rows = run_suite(
-        configs, geometries, heads=args.heads, head_dim=args.head_dim, seed=args.seed, backend=args.backend
+        [r.config for r in runs],
+        geometries,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        seed=args.seed,
+        backend=args.backend,
     )
+    notes_by_spec = {r.spec: r.note for r in runs}
+    for row in rows:
+        row["note"] = notes_by_spec.get(row["spec"])
     print(format_table(rows))
+    notes = sorted({r.note for r in runs if r.note})
+    for note in notes:
+        print(f"note: {note}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows}, fh, indent=2)
+        write_json_atomic(
+            args.json,
+            {
+                "schema": "vidsparse.eval.attention_suite",
+                "schema_version": 1,
+                "geometries": [list(g) for g in geometries],
+                "heads": args.heads,
+                "head_dim": args.head_dim,
+                "seed": args.seed,
+                "backend": args.backend,
+                "notes": notes,
+                "rows": rows,
+            },
+        )
+        print(f"wrote {args.json}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: ``python -m vidsparse.eval.attention_suite [--methods ...] [--json PATH]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_suite_args(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

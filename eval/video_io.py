@@ -17,6 +17,13 @@ GIF_SUFFIXES = (".gif",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def default_file_mode() -> int:
+    """The permissions of a newly created file under the current umask (``mkstemp`` alone gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] (or uint8) ``[T, H, W, 3]`` -> uint8, rounding and clipping floats."""
     frames = np.asarray(frames)
@@ -39,6 +46,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".tmp-")
     os.close(fd)
+    os.chmod(tmp, default_file_mode())
     try:
         if suffix in GIF_SUFFIXES:
             iio.imwrite(tmp, frames, extension=".gif", duration=int(1000 / fps), loop=0)

@@ -15,6 +15,8 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.render",
     "vidsparse.commands.compare",
     "vidsparse.commands.lpips_weights",
+    "vidsparse.commands.eval",
+    "vidsparse.commands.plan",
     "vidsparse.commands.train_tiny",
 ]
 

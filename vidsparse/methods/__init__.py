@@ -28,6 +28,8 @@ _METHOD_MODULES: dict[str, str] = {
     "dense": "vidsparse.methods.dense",
     "window": "vidsparse.methods.window",
     "moba": "vidsparse.methods.moba",
+    "radial": "vidsparse.methods.radial",
+    "draft": "vidsparse.methods.draft",
 }
 
 
@@ -63,6 +65,8 @@ class MethodSpec:
         plan: The planning function.
         static: True when the plan depends only on (layout, config): it is then built once per geometry.
         summary: One line for ``vidsparse models`` and the README.
+        targets_density: True when the method plans to its config's ``density`` target (so sweeps over densities
+            make sense for it); False for methods whose density follows from other options (``window``).
     """
 
     name: str
@@ -70,6 +74,7 @@ class MethodSpec:
     plan: PlanFn
     static: bool
     summary: str
+    targets_density: bool = False
 
 
 def method_names() -> list[str]:

@@ -491,4 +491,5 @@ METHOD = MethodSpec(
     plan,
     static=False,
     summary="VMoBA: 1-D/2-D/3-D chunks per layer, mean-key routing by top-k, head-global or threshold",
+    targets_density=True,
 )

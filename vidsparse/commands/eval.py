@@ -1,0 +1,259 @@
+"""``vidsparse eval``: dense vs sparse on the same seeds, with a report (quality vs speed, side by side).
+
+vidsparse eval --out r/                                   # embedded default model, default methods and prompts
+vidsparse eval --out r/ --methods window:window=0 radial --densities 0.2 0.4 --prompts prompts.txt --seeds 0 1
+vidsparse eval --out r/ --resume                          # continue an interrupted sweep (finished runs kept)
+vidsparse eval report --out r/                            # rebuild the report from the run files
+vidsparse eval attention --json a.json                    # synthetic attention suite, every method x density
+
+Each prompt x seed is rendered once with stock dense attention (the reference, cached under r/refs/) and once per
+method configuration, with the same seed, schedule and shapes. Each run's result is written atomically to
+r/runs/<run_id>.json when it ends; a run that fails is recorded with its error and the sweep continues (exit status
+1 at the end only with --strict). The report (r/report.json, report.md, index.html, plots/pareto.png, clips/) is
+rebuilt from every run file in r/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from vidsparse.eval.specs import default_methods
+
+from .common import add_model_args, load_pipeline, resolve_device, resolve_dtype
+
+#: Paths ``--force`` deletes in the output directory (only what ``vidsparse eval`` writes there).
+OWNED_PATHS = ("runs", "refs", "clips", "plots", "report.json", "report.md", "index.html")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``eval`` with its ``attention`` and ``report`` sub-commands."""
+    p = sub.add_parser(
+        "eval",
+        help="dense vs sparse quality and speed, with an HTML/Markdown/JSON report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_sweep_args(p)
+    p.set_defaults(func=run)
+    inner = p.add_subparsers(dest="eval_command", metavar="{attention,report}")
+
+    from vidsparse.eval.attention_suite import add_suite_args, run_from_args
+
+    a = inner.add_parser(
+        "attention",
+        help="synthetic attention suite: output error of every method x density vs dense (CPU, no model)",
+        description="Structured q/k/v (smooth fields over (t, h, w) + 3-D RoPE; spatial, temporal and global heads) "
+        "at realistic geometries; relative L2 error and cosine similarity of each method's attention output "
+        "against dense.",
+    )
+    add_suite_args(a)
+    a.set_defaults(func=run_from_args)
+
+    r = inner.add_parser("report", help="rebuild report.json / report.md / index.html from the run files")
+    r.add_argument("--out", required=True, help="the eval directory")
+    r.set_defaults(func=run_report)
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """The sweep's options (model, methods, prompts, geometry, output, robustness)."""
+    add_model_args(p)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="method specs name or name:key=value,... (default: " + " ".join(default_methods()) + ")",
+    )
+    p.add_argument(
+        "--densities",
+        nargs="+",
+        type=float,
+        default=None,
+        help="run every method that has a density target once per density (others run once, noted in the report)",
+    )
+    p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (default: built-in prompts)")
+    p.add_argument("--seeds", nargs="+", type=int, help="generation seeds (default: --seed)")
+    p.add_argument("--frames", type=int, help="frames of each clip (default: the model's)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--repeats", type=int, help="timed generations after the warm-up (default: 1 on CPU, 3 on CUDA)")
+    p.add_argument("--out", default="vidsparse-eval", help="output directory (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue in an existing --out: skip finished runs")
+    p.add_argument("--force", action="store_true", help="delete the previous results in --out first")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any run failed")
+    p.add_argument("--lpips", default="alex", choices=["alex", "vgg", "none"], help="LPIPS backbone, or none")
+    p.add_argument("--lpips-weights", metavar="PATH", help="LPIPS backbone weights file (see vidsparse compare)")
+    p.add_argument("--diff-gain", type=float, default=4.0, help="gain of the |difference| panel (default: 4)")
+    p.add_argument("--fps", type=int, default=8, help="frame rate of the written clips")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """Prompts from ``--prompts FILE`` (one per line; blank lines and ``#`` comments skipped) or the built-ins."""
+    from vidsparse.eval.harness import DEFAULT_PROMPTS
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts {path!r}: no such file.")
+    prompts = [line.strip() for line in file.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path!r} holds no prompt (one per line; '#' starts a comment).")
+    return prompts
+
+
+def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to mix with earlier results unless asked: ``--resume`` continues, ``--force`` deletes them first."""
+    if resume and force:
+        raise ValueError(
+            "--resume and --force contradict each other: --resume keeps finished runs, --force deletes them."
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory.")
+    if force:
+        for name in OWNED_PATHS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif not resume and out.is_dir() and any(out.iterdir()):
+        raise ValueError(
+            f"--out {str(out)!r} is not empty. Pass --resume to continue that sweep (finished runs are kept and not "
+            "redone) or --force to delete its previous results; or choose another --out."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def command_line(resolved: dict, flags: list[str]) -> str:
+    """The command with every resolved setting spelled out (recorded in each run file and the report).
+
+    Args:
+        resolved: option name (``guidance_scale``) -> value; lists become several arguments, None is left out.
+        flags: boolean flags that were given (``"resume"``, ...).
+    """
+    parts = ["vidsparse", "eval"]
+    for name, value in resolved.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        parts += ["--" + name.replace("_", "-"), *(repr(v) if isinstance(v, float) else str(v) for v in values)]
+    return shlex.join(parts + ["--" + flag for flag in flags])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan the sweep, run what is not finished, rebuild the report; print where everything is."""
+    from vidsparse.commands.render import check_frames
+    from vidsparse.eval.harness import Geometry, Runner, plan_jobs, run_sweep
+    from vidsparse.eval.report import build_report, summary_markdown
+    from vidsparse.eval.specs import expand_methods
+    from vidsparse.pipelines.tiny import default_model_name, defaults_for
+
+    # Everything that can be wrong with the arguments fails here, before the model loads.
+    method_specs = args.methods or default_methods()
+    method_runs = expand_methods(method_specs, args.densities)
+    prompts = read_prompts(args.prompts)
+    seeds = args.seeds if args.seeds else [args.seed]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    repeats = args.repeats if args.repeats is not None else (3 if device.type == "cuda" else 1)
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats} is invalid: expected an integer >= 1.")
+    model = args.model or f"tiny-{default_model_name()}"
+    d = defaults_for(model)
+    geometry = Geometry(
+        frames=args.frames or d.frames,
+        height=args.height or d.height,
+        width=args.width or d.width,
+        steps=args.steps or d.steps,
+        guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+    )
+    out = Path(args.out)
+    prepare_out_dir(out, resume=args.resume, force=args.force)
+
+    resolved = {
+        "model": model,
+        "seed": args.seed,
+        "seeds": seeds,
+        "methods": [m.spec for m in method_runs],
+        "densities": args.densities,
+        "prompts": args.prompts,
+        **vars(geometry),
+        "repeats": repeats,
+        "device": str(device),
+        "dtype": dtype_name,
+        "out": args.out,
+        "lpips": args.lpips,
+        "lpips_weights": args.lpips_weights,
+        "diff_gain": args.diff_gain,
+        "fps": args.fps,
+    }
+    command = command_line(resolved, [f for f in ("resume", "force", "strict", "quiet") if getattr(args, f)])
+    jobs = plan_jobs(
+        model=model,
+        prompts=prompts,
+        seeds=seeds,
+        methods=method_runs,
+        geometry=geometry,
+        dtype=dtype_name,
+        device_type=device.type,
+        model_seed=args.seed,
+    )
+
+    def load(job):
+        pipe, _ = load_pipeline(job.model, device=device, dtype=dtype, seed=job.model_seed)
+        check_frames(pipe, job.frames)
+        return pipe
+
+    runner = Runner(
+        out,
+        device=device,
+        repeats=repeats,
+        fps=args.fps,
+        diff_gain=args.diff_gain,
+        lpips_net=None if args.lpips == "none" else args.lpips,
+        lpips_weights=args.lpips_weights,
+        command=command,
+        progress=not args.quiet,
+        load_pipeline=load,
+    )
+    print(
+        f"eval: {len(jobs)} runs ({len(prompts)} prompts x {len(seeds)} seeds x (dense + {len(method_runs)} "
+        f"method configs)) on {model} {geometry.frames}x{geometry.height}x{geometry.width}, {geometry.steps} steps, "
+        f"{device} {dtype_name}, warm-up + {repeats} timed",
+        flush=True,
+    )
+    result = run_sweep(jobs, runner, resume=args.resume, progress=not args.quiet)
+    report = build_report(out, command=command, device=device)
+    print(summary_markdown(report))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(
+        f"runs: {len(result.executed)} run, {len(result.skipped)} already done, {len(result.failed)} failed"
+        + (f" ({', '.join(result.failed)})" if result.failed else "")
+    )
+    print(f"wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'report.json'}")
+    return 1 if (args.strict and result.failed) else 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``vidsparse eval report --out DIR``: rebuild the report files from the run files."""
+    from vidsparse.eval.report import build_report
+
+    out = Path(args.out)
+    if not (out / "runs").is_dir():
+        raise FileNotFoundError(f"--out {args.out!r} has no runs/ folder: it is not a vidsparse eval directory.")
+    report = build_report(out, command=shlex.join(["vidsparse", "eval", "report", "--out", args.out]))
+    print(f"{len(report['rows'])} runs; wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'report.json'}")
+    if report["skipped_files"]:
+        print(f"skipped {len(report['skipped_files'])} incomplete run files", file=sys.stderr)
+    return 0
