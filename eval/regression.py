@@ -20,6 +20,7 @@ import torch
 
 from vidsparse import apply, make_config, method_names
 from vidsparse.config import SparseConfig
+from vidsparse.methods import get_method
 
 from .metrics import psnr
 
@@ -32,18 +33,14 @@ PROMPT = "a red circle moves right over a plain gray background"
 DENSITY_SETTINGS: dict[str, dict[str, Any]] = {"moba": {"selection": "topk"}}
 
 
-def config_at_density(method: str, density: float) -> SparseConfig:
-    """The method's config at ``density``, or its default config when it has no density option.
+def density_methods() -> list[str]:
+    """Registered methods that plan to a target density (``MethodSpec.targets_density``), in registry order."""
+    return [name for name in method_names() if get_method(name).targets_density]
 
-    Uses :data:`DENSITY_SETTINGS` where a method needs other settings to take a density. "No density option" is
-    decided by the config itself: if ``make_config(method, density=...)`` raises ``ValueError``/``TypeError``, the
-    default config is used. (A config may also accept ``density`` and not use it: compare the measured density
-    that :func:`method_psnrs` reports.)
-    """
-    try:
-        return make_config(method, density=density, **DENSITY_SETTINGS.get(method, {}))
-    except (TypeError, ValueError):
-        return make_config(method)
+
+def config_at_density(method: str, density: float) -> SparseConfig:
+    """The config of ``method`` (one of :func:`density_methods`) at ``density``, with :data:`DENSITY_SETTINGS`."""
+    return make_config(method, density=density, **DENSITY_SETTINGS.get(method, {}))
 
 
 def render(pipe, *, seed: int = 0, prompt: str = PROMPT, **geometry: Any) -> np.ndarray:
@@ -65,7 +62,7 @@ def method_psnrs(
     Args:
         pipe: A pipeline ``vidsparse.apply`` supports.
         density: Target density for methods that take one.
-        methods: Method names (default: every registered method except ``dense``).
+        methods: Method names (default: :func:`density_methods`).
         seed: Seed of the initial noise (shared by all renders).
         **geometry: ``num_frames``, ``height``, ``width``, ``num_inference_steps``, ``guidance_scale``.
 
@@ -75,7 +72,7 @@ def method_psnrs(
     """
     dense = render(pipe, seed=seed, **geometry)
     rows = []
-    for name in methods or [m for m in method_names() if m != "dense"]:
+    for name in methods or density_methods():
         config = config_at_density(name, density)
         t0 = time.perf_counter()
         with apply(pipe, config) as handle:

@@ -7,7 +7,10 @@ structure of a real video model (local in space and time), so sparse-vs-dense qu
 The weights live in ``pipelines/assets/shapes/`` as a complete diffusers pipeline folder (model_index.json,
 transformer/, vae/, scheduler/, text_encoder/, tokenizer/; safetensors). The VAE is the parameter-free
 :class:`~vidsparse.pipelines.pixel_vae.PixelShuffleVAE` (config only); the text encoder and tokenizer are saved too
-(a few hundred kB), so the model does not depend on how a library version initialises random weights.
+(a few hundred kB), so the model does not depend on how a library version initialises random weights. The
+transformer is a stock ``WanTransformer3DModel`` whose patch embedding also adds fixed absolute position features
+(:mod:`~vidsparse.pipelines.positions`, marked by ``absolute_positions.json`` in the folder): :func:`load_pipeline`
+adds them after ``from_pretrained``, so load the model with it.
 
     from vidsparse.pipelines.shapes import load_pipeline, DEFAULT_GEOMETRY
     pipe = load_pipeline()
@@ -73,13 +76,15 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
 
     # model_index.json names the VAE and scheduler classes by module; diffusers only loads classes of modules
     # already imported.
-    from . import flow_x0, pixel_vae  # noqa: F401
+    from . import flow_x0, pixel_vae, positions  # noqa: F401
 
     folder = Path(path) if path is not None else model_dir()
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} holds no model_index.json: not a diffusers pipeline folder.")
     with _quiet_diffusers():
         pipe = WanPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    if positions.has_marker(folder):
+        positions.add_absolute_positions(pipe.transformer)  # parameter-free: not part of the saved weights
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

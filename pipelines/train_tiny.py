@@ -40,6 +40,7 @@ from vidsparse.eval import procedural
 
 from .flow_x0 import FlowMatchEulerX0Scheduler
 from .pixel_vae import PixelShuffleVAE
+from .positions import PositionalPatchEmbedding, add_absolute_positions, write_marker
 from .text import build_umt5_encoder, build_word_tokenizer
 
 #: What the transformer can be trained to output (see :class:`TrainConfig`).
@@ -101,6 +102,8 @@ class TrainConfig:
             :class:`~vidsparse.pipelines.flow_x0.FlowMatchEulerX0Scheduler`) or ``"velocity"`` (``ε - x0``, stock).
         max_shapes: Shapes per clip (1 to 3).
         placement: Where shapes start (:data:`~vidsparse.eval.procedural.PLACEMENTS`).
+        absolute_positions: Add fixed absolute position features after the patch embedding
+            (:mod:`~vidsparse.pipelines.positions`; needed for canonical placement, which RoPE alone cannot express).
         backgrounds: Background kinds drawn uniformly (a repeated kind is drawn more often).
         pan_probability: Chance of a camera pan in a clip.
         seed: Seeds the data, the noise and the initial weights.
@@ -122,6 +125,7 @@ class TrainConfig:
     prediction: str = "x0"
     max_shapes: int = 1
     placement: str = "canonical"
+    absolute_positions: bool = True
     backgrounds: tuple[str, ...] = ("plain", "gradient")
     pan_probability: float = 0.15
     seed: int = 0
@@ -178,7 +182,8 @@ class TrainConfig:
         data = dict(data)
         data["phases"] = tuple(Phase(**p) for p in data["phases"])
         data["backgrounds"] = tuple(data["backgrounds"])
-        data.setdefault("placement", "random")  # runs saved before placement existed drew random starts
+        data.setdefault("placement", "random")  # runs saved before these options existed: random starts, RoPE only
+        data.setdefault("absolute_positions", False)
         return cls(**data)
 
 
@@ -201,7 +206,13 @@ def data_statistics(height: int = 64, width: int = 64, clips: int = 64, seed: in
     return float(data.mean()), float(data.std())
 
 
-def build_untrained_pipeline(seed: int = 0, *, text_dir: str | os.PathLike | None = None, prediction: str = "x0"):
+def build_untrained_pipeline(
+    seed: int = 0,
+    *,
+    text_dir: str | os.PathLike | None = None,
+    prediction: str = "x0",
+    absolute_positions: bool = True,
+):
     """Build a ``WanPipeline`` with the shapes architecture, a random transformer and the frozen text side.
 
     Args:
@@ -210,6 +221,7 @@ def build_untrained_pipeline(seed: int = 0, *, text_dir: str | os.PathLike | Non
             (a run's text side must never change, and a library update could change how a seed initialises it).
             ``None`` builds them in memory (:func:`~vidsparse.pipelines.text.build_umt5_encoder`).
         prediction: ``"x0"`` or ``"velocity"``: picks the scheduler that matches the transformer's output.
+        absolute_positions: Add :mod:`~vidsparse.pipelines.positions` features to the patch embedding.
 
     Returns:
         ``WanPipeline`` (tokenizer, frozen UMT5 text encoder, :class:`PixelShuffleVAE` normalised to unit variance,
@@ -236,6 +248,8 @@ def build_untrained_pipeline(seed: int = 0, *, text_dir: str | os.PathLike | Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    if absolute_positions:
+        add_absolute_positions(transformer)
     check_choice("prediction", prediction, PREDICTIONS)
     scheduler_class = FlowMatchEulerX0Scheduler if prediction == "x0" else FlowMatchEulerDiscreteScheduler
     scheduler = scheduler_class(shift=SCHEDULER_SHIFT)
@@ -402,7 +416,10 @@ def train(
 
     text_dir = out / "text"
     pipe = build_untrained_pipeline(
-        config.seed, text_dir=text_dir if text_dir.exists() else None, prediction=config.prediction
+        config.seed,
+        text_dir=text_dir if text_dir.exists() else None,
+        prediction=config.prediction,
+        absolute_positions=config.absolute_positions,
     )
     if not text_dir.exists():
         save_text_side(pipe, text_dir)
@@ -498,7 +515,9 @@ def load_checkpoint_pipeline(out_dir: str | os.PathLike, *, use_ema: bool = True
     """Load a training run's pipeline with its current (EMA by default) transformer weights."""
     out = Path(out_dir)
     config = TrainConfig.from_json(json.loads((out / "config.json").read_text()))
-    pipe = build_untrained_pipeline(config.seed, text_dir=out / "text", prediction=config.prediction)
+    pipe = build_untrained_pipeline(
+        config.seed, text_dir=out / "text", prediction=config.prediction, absolute_positions=config.absolute_positions
+    )
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     pipe.transformer.load_state_dict(state["ema" if use_ema else "model"])
     pipe.transformer.eval()
@@ -515,6 +534,8 @@ def export(out_dir: str | os.PathLike, target: str | os.PathLike) -> Path:
     pipe = load_checkpoint_pipeline(out_dir)
     target = Path(target)
     pipe.save_pretrained(target, safe_serialization=True)
+    if isinstance(pipe.transformer.patch_embedding, PositionalPatchEmbedding):
+        write_marker(target)  # the loader (vidsparse.pipelines.shapes) re-adds the features
     # transformers 5 records the tokenizer class as "TokenizersBackend", a name 4.x lacks; both know it as
     # PreTrainedTokenizerFast. Drop the machine-specific loading flags it also writes.
     index_path, tok_path = target / "model_index.json", target / "tokenizer" / "tokenizer_config.json"
