@@ -36,7 +36,7 @@ DEFAULT_GEOMETRY: dict[str, Any] = {
     "num_frames": 31,
     "height": 64,
     "width": 64,
-    "num_inference_steps": 20,
+    "num_inference_steps": 10,
     "guidance_scale": 4.0,
 }
 

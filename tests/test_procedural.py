@@ -83,3 +83,17 @@ def test_pan_moves_background_only():
 def test_bad_arguments_name_the_parameter(call, word):
     with pytest.raises(ValueError, match=word):
         call()
+
+
+def test_canonical_placement_follows_from_the_caption():
+    specs = [P.random_clip_spec(i, placement="canonical", backgrounds=("plain",)) for i in range(60)]
+    by_caption = {}
+    for spec in specs:
+        by_caption.setdefault(P.caption(spec), spec.shapes)
+        assert by_caption[P.caption(spec)] == spec.shapes  # same words, same shapes and motion
+    right = next(s for s in specs if s.shapes[0].motion == "moves right").shapes[0]
+    still = next(s for s in specs if s.shapes[0].motion == "stays still").shapes[0]
+    assert right.x < 0.5 and right.y == 0.5 and right.angle == 0.0  # starts at the left edge, half-way down
+    assert (still.x, still.y) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="placement"):
+        P.random_clip_spec(0, placement="middle")

@@ -78,6 +78,7 @@ def test_export_loads_with_from_pretrained(tmp_path):
     T.export(tmp_path / "run", tmp_path / "model")
     pipe = load_pipeline(path=str(tmp_path / "model"))
     assert type(pipe.vae).__name__ == "PixelShuffleVAE" and pipe.vae.config.z_dim == 24
+    assert type(pipe.transformer.patch_embedding).__name__ == "PositionalPatchEmbedding"  # re-added on load
     video = pipe("a red circle", num_frames=3, height=16, width=16, num_inference_steps=1, output_type="np").frames[0]
     assert video.shape == (3, 16, 16, 3)
 
