@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,6 +103,8 @@ class TrainConfig:
             :class:`~vidsparse.pipelines.flow_x0.FlowMatchEulerX0Scheduler`) or ``"velocity"`` (``ε - x0``, stock).
         max_shapes: Shapes per clip (1 to 3).
         placement: Where shapes start (:data:`~vidsparse.eval.procedural.PLACEMENTS`).
+        init_from: ``None``, or a training run folder whose EMA weights (and text side) start this run: fine-tuning
+            a finished run with another curriculum (a finished run cannot be extended past its decay).
         absolute_positions: Add fixed absolute position features after the patch embedding
             (:mod:`~vidsparse.pipelines.positions`; needed for canonical placement, which RoPE alone cannot express).
         backgrounds: Background kinds drawn uniformly (a repeated kind is drawn more often).
@@ -126,6 +129,7 @@ class TrainConfig:
     max_shapes: int = 1
     placement: str = "canonical"
     absolute_positions: bool = True
+    init_from: str | None = None
     backgrounds: tuple[str, ...] = ("plain", "gradient")
     pan_probability: float = 0.15
     seed: int = 0
@@ -184,6 +188,7 @@ class TrainConfig:
         data["backgrounds"] = tuple(data["backgrounds"])
         data.setdefault("placement", "random")  # runs saved before these options existed: random starts, RoPE only
         data.setdefault("absolute_positions", False)
+        data.setdefault("init_from", None)
         return cls(**data)
 
 
@@ -415,6 +420,8 @@ def train(
     torch.set_num_threads(config.threads)
 
     text_dir = out / "text"
+    if config.init_from is not None and not text_dir.exists():
+        shutil.copytree(Path(config.init_from) / "text", text_dir)  # the fine-tuned weights expect that text side
     pipe = build_untrained_pipeline(
         config.seed,
         text_dir=text_dir if text_dir.exists() else None,
@@ -435,6 +442,10 @@ def train(
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, cpu = int(state["step"]), float(state["elapsed"]), float(state.get("cpu", 0.0))
+    elif config.init_from is not None:
+        start = torch.load(Path(config.init_from) / "checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
+        transformer.load_state_dict(start)
+        ema.load_state_dict(start)
 
     cross = _CompactPaddingCrossAttention()
     transformer.set_attn_processor(

@@ -98,3 +98,15 @@ def test_warmup_stable_decay_schedule_and_extension(tmp_path):
     assert '"extended_at_step": 1' in log
     with pytest.raises(ValueError, match="only be extended"):
         T.train(tmp_path, short)
+
+
+def test_fine_tune_starts_from_the_source_runs_ema_weights(tmp_path):
+    small = {"height": 16, "width": 16, "warmup_steps": 1, "decay_steps": 1}
+    T.train(tmp_path / "a", T.TrainConfig(phases=(T.Phase(1, 1, 1),), **small))
+    config = T.TrainConfig(phases=(T.Phase(1, 3, 1),), lr=1e-12, init_from=str(tmp_path / "a"), **small)
+    T.train(tmp_path / "b", config)
+    source = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["ema"]
+    tuned = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    for name, value in source.items():
+        torch.testing.assert_close(tuned[name], value, atol=1e-6, rtol=0, msg=name)
+    assert (tmp_path / "b" / "text" / "tokenizer").is_dir()  # the source's text side came along

@@ -4,7 +4,7 @@
     python samples/shapes/make_samples.py --model DIR --out D  # an exported training run
 
 Writes into ``--out`` (default: this folder): ``renders.png`` (one row per prompt, 8 frames each, 2× upscaled),
-``renders.gif`` (the prompts side by side), ``locality.png`` + ``locality.json`` (self-attention mass by temporal
+``renders.gif`` (the prompts side by side, 1×), ``locality.png`` + ``locality.json`` (self-attention mass by temporal
 and by spatial distance, per layer, against the uniform-attention baseline) and ``prompt_following.json`` (does the
 clip show the prompted colour moving the prompted way; see ``prompt_following``).
 """
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from imageio.v3 import imwrite
 
     imwrite(out / "renders.png", frame_grid(big, columns=8))
-    tiles = [np.concatenate(big[i : i + 3], axis=2) for i in range(0, len(big), 3)]
+    tiles = [np.concatenate(clips[i : i + 3], axis=2) for i in range(0, len(clips), 3)]  # 1x: GIF under 1 MB
     write_video(out / "renders.gif", np.concatenate(tiles, axis=1), fps=8)
     (out / "renders.txt").write_text("\n".join(PROMPTS) + "\n")
 

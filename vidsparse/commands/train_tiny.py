@@ -53,6 +53,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--lr", type=float, default=None, help="new runs: peak learning rate")
     p.add_argument("--seed", type=int, default=None, help="new runs: seed of data, noise and initial weights")
+    p.add_argument("--warmup-steps", type=int, default=None, help="new runs: linear warm-up steps")
+    p.add_argument("--decay-steps", type=int, default=None, help="new runs: cosine-decay steps at the end")
+    p.add_argument(
+        "--init-from", metavar="RUN_DIR", default=None, help="new runs: start from this run's EMA weights (fine-tune)"
+    )
     p.add_argument("--export", metavar="DIR", default=None, help="write the EMA weights as a pipeline folder to DIR")
     p.set_defaults(func=run)
 
@@ -64,12 +69,22 @@ def run(args: argparse.Namespace) -> int:
 
     from vidsparse.pipelines import train_tiny
 
-    overrides = {k: v for k, v in (("phases", args.phases), ("lr", args.lr), ("seed", args.seed)) if v is not None}
+    new_run_options = {
+        "lr": args.lr,
+        "seed": args.seed,
+        "warmup_steps": args.warmup_steps,
+        "decay_steps": args.decay_steps,
+        "init_from": args.init_from,
+    }
+    overrides = {k: v for k, v in (("phases", args.phases), *new_run_options.items()) if v is not None}
     saved = Path(args.run_dir) / "config.json"
     config = None
     if overrides and saved.exists():
         if set(overrides) != {"phases"}:
-            raise ValueError(f"run_dir={args.run_dir!r} already holds a run; --lr/--seed only apply to new runs.")
+            raise ValueError(
+                f"run_dir={args.run_dir!r} already holds a run; only --phases may change it "
+                f"(--{', --'.join(k.replace('_', '-') for k in new_run_options)} apply to new runs)."
+            )
         # Extending a run: its saved settings with the new phases (train() checks that the past is unchanged).
         config = dataclasses.replace(train_tiny.TrainConfig.from_json(json.loads(saved.read_text())), **overrides)
     elif overrides:
