@@ -10,7 +10,8 @@ files exist.
 Per run the harness records: end-to-end time (one warm-up generation, then the median of ``repeats``), the
 attention share of the transformer time (an instrumented extra generation, :mod:`vidsparse.eval.timing`), the
 measured density and planning time (``handle.summary()`` / ``handle.stats()``), and for sparse runs PSNR / SSIM /
-LPIPS against the dense reference's decoded float frames, plus a side-by-side clip dense | sparse | |difference|×k.
+LPIPS against the dense reference's decoded frames (at uint8 levels, as saved), plus a side-by-side clip
+dense | sparse | |difference|×k.
 
 Run identity: ``run_id`` hashes (model, model seed, prompt, seed, geometry, steps, guidance, dtype, device type,
 the full method config), so a resumed or extended sweep with the same arguments finds its finished runs.
@@ -53,7 +54,7 @@ from .results import (
 )
 from .specs import MethodRun
 from .timing import AttentionTimer, synchronize
-from .video_io import write_video
+from .video_io import to_uint8_frames, write_video
 
 #: Built-in prompts of ``vidsparse eval`` (``--prompts FILE`` replaces them): simple scenes the embedded models know.
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -233,6 +234,7 @@ class Runner:
         progress: Show the denoising-step progress bar of each generation.
         load_pipeline: ``load_pipeline(job) -> pipeline`` (default: :func:`vidsparse.commands.common.load_pipeline`
             on ``device`` in the job's dtype); the last pipeline is reused while jobs share model and dtype.
+        process: ``(index, count)`` of this process in a sweep shared by several (recorded in every run file).
     """
 
     def __init__(
@@ -249,6 +251,7 @@ class Runner:
         command: str = "",
         progress: bool = True,
         load_pipeline: Callable[[EvalJob], Any] | None = None,
+        process: tuple[int, int] = (0, 1),
     ) -> None:
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
             raise ValueError(f"repeats={repeats!r} is invalid: expected an integer >= 1.")
@@ -271,6 +274,7 @@ class Runner:
         self.command = command
         self.progress = progress
         self._load = load_pipeline or self._default_load
+        self.process = {"index": process[0], "count": process[1]}
         self._pipe_key: tuple | None = None
         self._pipe: Any = None
         self._env: dict[str, Any] | None = None
@@ -298,7 +302,7 @@ class Runner:
         return self._env
 
     def _generate(self, pipe: Any, job: EvalJob, desc: str) -> tuple[np.ndarray, float]:
-        """One generation of ``job``: decoded float frames ``[T, H, W, 3]`` in [0, 1] and its wall time (s)."""
+        """One generation of ``job``: frames ``[T, H, W, 3]`` (float32 in [0, 1] at uint8 levels), wall time (s)."""
         pipe.set_progress_bar_config(desc=desc, leave=False, disable=not self.progress)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
         synchronize(self.device)
@@ -315,7 +319,9 @@ class Runner:
         )
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        frames = np.asarray(result.frames[0], dtype=np.float32)
+        # Measure the frames as a user gets them from `vidsparse render` (uint8, as in any saved clip), so a
+        # `vidsparse compare` of two rendered `.npy` clips gives exactly the numbers recorded here.
+        frames = to_uint8_frames(result.frames[0]).astype(np.float32) / 255.0
         return frames, seconds
 
     def _measure(self, pipe: Any, job: EvalJob, handle: Any = None) -> tuple[np.ndarray, dict, list[dict]]:
@@ -384,6 +390,7 @@ class Runner:
             "job": dataclasses.asdict(job),
             "config": None if job.is_dense else job.config().to_dict(),
             "command": self.command,
+            "process": self.process,
             "started_at": started,
         }
         try:

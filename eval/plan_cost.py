@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,26 +35,8 @@ from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, get_method, parse_method_spec
 from vidsparse.plan import BlockPlan
 
+from .bench import time_ms
 from .synthetic import synthetic_qkv
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], Any], *, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def measure_plan_cost(
@@ -92,11 +72,11 @@ def measure_plan_cost(
         x.to(device) for x in synthetic_qkv(layout, heads=heads, head_dim=head_dim, batch=batch, seed=seed, dtype=dtype)
     )
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    dense_sdpa = median_ms(
+    dense_sdpa = time_ms(
         lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh),
+        device,
         repeats=repeats,
         warmup=1,
-        device=device,
     )
     dense_executor: dict[int, float] = {}
     rows = []
@@ -105,27 +85,27 @@ def measure_plan_cost(
             spec = get_method(config.method)
             ctx = PlanContext(layer=0, step=0)
             # The method's plan function directly: build_plan would serve a static method from its cache.
-            plan_ms = median_ms(
+            plan_ms = time_ms(
                 lambda spec=spec, config=config, ctx=ctx: spec.plan(q, k, layout, config, ctx),
+                device,
                 repeats=repeats,
                 warmup=warmup,
-                device=device,
             )
             plan = spec.plan(q, k, layout, config, ctx)
             bs = plan.block_size
             if bs not in dense_executor:
                 full = BlockPlan.full(layout.seq_len, bs, device=device)
-                dense_executor[bs] = median_ms(
+                dense_executor[bs] = time_ms(
                     lambda full=full: block_sparse_attention(q, k, v, full, backend=backend),
+                    device,
                     repeats=repeats,
                     warmup=1,
-                    device=device,
                 )
-            sparse_ms = median_ms(
+            sparse_ms = time_ms(
                 lambda plan=plan: block_sparse_attention(q, k, v, plan, backend=backend),
+                device,
                 repeats=repeats,
                 warmup=1,
-                device=device,
             )
             rows.append(
                 {

@@ -39,8 +39,9 @@ PSNR_PLOT_CAP = 60.0
 #: How the numbers were measured (copied into every report).
 METHODOLOGY = {
     "reference": "dense = the pipeline's stock diffusers attention, same prompt, seed, scheduler, steps and shapes",
-    "metrics": "on decoded float frames in [0, 1] (no codec in between): PSNR per frame then mean; SSIM Gaussian "
-    "11x11, sigma 1.5, per RGB channel; LPIPS v0.1 on inputs mapped to [-1, 1] (AlexNet unless stated)",
+    "metrics": "on decoded frames at uint8 levels, as `vidsparse render` saves them (no codec in between): PSNR per "
+    "frame then mean; SSIM Gaussian 11x11, sigma 1.5, per RGB channel; LPIPS v0.1 on inputs mapped to [-1, 1] "
+    "(AlexNet unless stated)",
     "e2e_time": "wall clock of one pipeline call (text encoding, all steps, VAE decode); one warm-up generation, then "
     "the median of `repeats` timed generations; torch.cuda.synchronize before start and stop on CUDA",
     "speedup": "dense end-to-end median / sparse end-to-end median, per (prompt, seed); summaries average it",

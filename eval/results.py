@@ -6,7 +6,7 @@ An eval directory (``vidsparse eval --out DIR``) holds:
   file is either complete or absent. The report is rebuilt from whatever run files exist, which is what makes
   ``--resume`` and sweeps split across processes work: no state lives anywhere else;
 - ``refs/<ref_id>/frames.npy`` + ``dense.mp4``: the dense reference of one (model, prompt, seed, geometry, steps),
-  decoded float frames, reused by every sparse run and by resumed sweeps;
+  decoded frames (uint8 levels), reused by every sparse run and by resumed sweeps;
 - ``clips/<run_id>.mp4|.gif``: side-by-side dense | sparse | difference clips;
 - ``report.json``, ``report.md``, ``index.html``, ``plots/*.png``: the report (see :mod:`vidsparse.eval.report`).
 """

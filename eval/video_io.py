@@ -35,8 +35,9 @@ def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
     """Write ``frames`` (uint8 or float [0, 1], ``[T, H, W, 3]``) to ``path``, atomically.
 
-    The suffix picks the format: ``.mp4``/``.webm``/... (H.264/VP9 via imageio-ffmpeg; sizes must be even) or
-    ``.gif``. The file appears complete or not at all: it is written next to its target and renamed.
+    The suffix picks the format: ``.mp4``/``.webm``/... (H.264/VP9 via imageio-ffmpeg; sizes must be even),
+    ``.gif``, or ``.npy`` (the exact uint8 frames, lossless: what ``vidsparse compare`` and the eval harness measure
+    bit for bit). The file appears complete or not at all: it is written next to its target and renamed.
     """
     path = Path(path)
     frames = to_uint8_frames(frames)
@@ -48,7 +49,10 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Pa
     os.close(fd)
     os.chmod(tmp, default_file_mode())
     try:
-        if suffix in GIF_SUFFIXES:
+        if suffix == ".npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, frames, allow_pickle=False)
+        elif suffix in GIF_SUFFIXES:
             iio.imwrite(tmp, frames, extension=".gif", duration=int(1000 / fps), loop=0)
         elif suffix in VIDEO_SUFFIXES:
             if frames.shape[1] % 2 or frames.shape[2] % 2:
@@ -56,7 +60,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Pa
             # macro_block_size=1: keep the exact size (imageio would otherwise resize to multiples of 16).
             iio.imwrite(tmp, frames, extension=suffix, fps=fps, macro_block_size=1, plugin="FFMPEG")
         else:
-            allowed = ", ".join(VIDEO_SUFFIXES + GIF_SUFFIXES)
+            allowed = ", ".join(VIDEO_SUFFIXES + GIF_SUFFIXES + (".npy",))
             raise ValueError(f"out={str(path)!r}: unknown video suffix {suffix!r}; expected one of {allowed}.")
         os.replace(tmp, path)
     finally:

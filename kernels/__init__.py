@@ -23,6 +23,7 @@ from vidsparse.config import SUPPORTED_BACKENDS, check_choice
 from vidsparse.plan import BlockPlan
 
 from .flex import flex_block_sparse_attention
+from .masks import restrict_to_causal_groups
 from .reference import reference_attention
 
 __all__ = ["block_sparse_attention", "resolve_backend", "triton_available"]
@@ -71,6 +72,7 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    causal_groups: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k``/``v`` restricted to the blocks of ``plan``.
 
@@ -82,6 +84,10 @@ def block_sparse_attention(
         return_lse: Also return the natural-log log-sum-exp per query, float32 ``[B, H, S]`` (original order).
         key_padding_mask: Optional bool ``[B, S]``; False marks keys nobody may attend (padded text). It is ANDed
             with the plan, never replaces it.
+        causal_groups: Optional integer ``[B or 1, S]``: query ``i`` may attend key ``j`` only when
+            ``causal_groups[j] <= causal_groups[i]``, ANDed with the plan (block-causal masks such as SkyReels-V2's
+            diffusion forcing; see :mod:`vidsparse.kernels.masks`). Block pairs it hides completely are dropped
+            from the plan, so they cost nothing.
 
     Returns:
         ``out [B, S, H, D]``, or ``(out, lse)`` when ``return_lse``.
@@ -99,8 +105,17 @@ def block_sparse_attention(
         raise ValueError(f"plan batch/heads ({pb}, {ph}) do not broadcast to q's ({b}, {h}).")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, s):
         raise ValueError(f"key_padding_mask must be [B, S] = ({b}, {s}); got {tuple(key_padding_mask.shape)}.")
+    if causal_groups is not None:
+        if causal_groups.dim() != 2 or causal_groups.shape[0] not in (1, b) or causal_groups.shape[1] != s:
+            raise ValueError(f"causal_groups must be [B or 1, S] = ({b} or 1, {s}); got {tuple(causal_groups.shape)}.")
+        if causal_groups.dtype.is_floating_point or causal_groups.dtype == torch.bool:
+            raise ValueError(f"causal_groups must hold integers; got {causal_groups.dtype}.")
+        causal_groups = causal_groups.to(device=q.device, dtype=torch.int32)
     name = resolve_backend(backend, q.device)
     plan = plan.to(q.device)
+    if causal_groups is not None:
+        groups_in_plan_order = causal_groups if plan.perm is None else causal_groups.index_select(1, plan.perm)
+        plan = restrict_to_causal_groups(plan, groups_in_plan_order)
 
     if name == "reference":
         out, lse = reference_attention(
@@ -111,6 +126,7 @@ def block_sparse_attention(
             scale=scale,
             return_lse=return_lse,
             key_padding_mask=key_padding_mask,
+            causal_groups=causal_groups,
         )
         out = out.transpose(1, 2)
         return (out, lse) if return_lse else out
@@ -120,10 +136,19 @@ def block_sparse_attention(
         q, k, v = (x.index_select(1, plan.perm) for x in (q, k, v))
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.index_select(1, plan.perm)
+        if causal_groups is not None:
+            causal_groups = groups_in_plan_order
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     if name == "flex":
         out, lse = flex_block_sparse_attention(
-            qh, kh, vh, plan, scale=scale, return_lse=return_lse, key_padding_mask=key_padding_mask
+            qh,
+            kh,
+            vh,
+            plan,
+            scale=scale,
+            return_lse=return_lse,
+            key_padding_mask=key_padding_mask,
+            causal_groups=causal_groups,
         )
     else:
         from .block_sparse_attn import block_sparse_attn
@@ -137,6 +162,7 @@ def block_sparse_attention(
             block_size=plan.block_size,
             scale=scale,
             key_padding_mask=key_padding_mask,
+            causal_groups=causal_groups,
         )
     out = out.transpose(1, 2)
     if plan.perm is not None:

@@ -23,7 +23,8 @@ How one program works (grid = query tiles x batch*heads)::
 
 Details that matter, each explained where it happens below: base-2 exponentials, the plan's broadcast batch/head
 dimensions (stride 0), the partial last block (S need not be a multiple of the block size), the optional key padding
-mask, and the empty-row rule (a row with no valid key gives output 0 and LSE -inf, never NaN).
+mask and block-causal groups (model masks ANDed with the plan), and the empty-row rule (a row with no valid key
+gives output 0 and LSE -inf, never NaN).
 
 The public entry :func:`block_sparse_attn` is a torch custom op (``torch.ops.vidsparse.block_sparse_attn``) with a
 fake implementation, so ``torch.compile(fullgraph=True)`` traces through it. Forward only: there is no backward.
@@ -61,9 +62,11 @@ def _attend_key_tile(
     l_i,
     m_i,
     q,
+    q_groups,
     k_base,
     v_base,
     key_mask_base,
+    groups_base,
     start_n,
     seq_len,
     qk_scale,
@@ -74,6 +77,7 @@ def _attend_key_tile(
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -99,7 +103,12 @@ def _attend_key_tile(
         valid = in_seq
         if HAS_KEY_MASK:
             valid = valid & (tl.load(key_mask_base + cols, mask=in_seq, other=0) != 0)
-        qk = tl.where(valid[None, :], qk, float("-inf"))
+        if HAS_GROUPS:
+            # Block-causal model mask: a key is visible when its group is not later than the query's.
+            k_groups = tl.load(groups_base + cols, mask=in_seq, other=0)
+            qk = tl.where(valid[None, :] & (k_groups[None, :] <= q_groups[:, None]), qk, float("-inf"))
+        else:
+            qk = tl.where(valid[None, :], qk, float("-inf"))
     # Base 2 throughout: exp2 is the native instruction, and the softmax scale folds into one fused multiply-add
     # (qk * qk_scale - m) instead of scaling q in its 16-bit dtype, which would add a rounding.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -129,6 +138,7 @@ def _block_sparse_attn_fwd(
     KvNum,
     KvIdx,
     KeyMask,
+    Groups,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -151,6 +161,7 @@ def _block_sparse_attn_fwd(
     stride_iq,
     stride_ik,
     stride_mb,
+    stride_gb,
     num_heads,
     seq_len,
     qk_scale,
@@ -160,6 +171,7 @@ def _block_sparse_attn_fwd(
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -178,9 +190,14 @@ def _block_sparse_attn_fwd(
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     key_mask_base = KeyMask + off_b * stride_mb
+    groups_base = Groups + off_b * stride_gb
 
     q_rows = offs_m < seq_len
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_rows[:, None], other=0.0)
+    if HAS_GROUPS:
+        q_groups = tl.load(groups_base + offs_m, mask=q_rows, other=0)
+    else:
+        q_groups = offs_m  # never read
 
     # The plan's batch/head dimensions may be 1 (one pattern for all heads): the launcher passes stride 0 for them,
     # so the same index row is read by every (b, h) without materialising copies.
@@ -202,9 +219,11 @@ def _block_sparse_attn_fwd(
                 l_i,
                 m_i,
                 q,
+                q_groups,
                 k_base,
                 v_base,
                 key_mask_base,
+                groups_base,
                 start_n,
                 seq_len,
                 qk_scale,
@@ -215,6 +234,7 @@ def _block_sparse_attn_fwd(
                 BLOCK_N,
                 MASK_KEYS,
                 HAS_KEY_MASK,
+                HAS_GROUPS,
                 DOT_PRECISION,
                 DOT_IN_FP32,
             )
@@ -263,7 +283,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 _autotuned_fwd = triton.autotune(
     configs=_cuda_configs(),
-    key=["seq_len", "HEAD_DIM", "PLAN_BLOCK", "MASK_KEYS", "HAS_KEY_MASK"],
+    key=["seq_len", "HEAD_DIM", "PLAN_BLOCK", "MASK_KEYS", "HAS_KEY_MASK", "HAS_GROUPS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_block_sparse_attn_fwd)
 
@@ -277,6 +297,7 @@ def _check_inputs(
     block_size: int,
     scale: float,
     key_padding_mask: torch.Tensor | None,
+    causal_groups: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the argument, the value and what is allowed."""
     check_choice("block_size", block_size, SUPPORTED_BLOCK_SIZES)
@@ -326,6 +347,17 @@ def _check_inputs(
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}; q is on {q.device}.")
+    if causal_groups is not None:
+        if causal_groups.dtype != torch.int32 or causal_groups.dim() != 2 or causal_groups.shape[0] not in (1, b):
+            raise ValueError(
+                f"causal_groups must be int32 [B or 1, S] = [{b} or 1, {s}]; got {causal_groups.dtype} "
+                f"{tuple(causal_groups.shape)}."
+            )
+        if causal_groups.shape[1] != s or causal_groups.device != q.device:
+            raise ValueError(
+                f"causal_groups must have S={s} columns on {q.device}; got {tuple(causal_groups.shape)} on "
+                f"{causal_groups.device}."
+            )
 
 
 def _launch(
@@ -337,6 +369,7 @@ def _launch(
     block_size: int,
     scale: float,
     key_padding_mask: torch.Tensor | None,
+    causal_groups: torch.Tensor | None = None,
     *,
     tiles: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,18 +396,23 @@ def _launch(
     # Bytes, not torch.bool (same storage, no copy); when there is no mask any pointer will do, it is never read.
     key_mask = key_padding_mask.contiguous().view(torch.uint8) if has_key_mask else q
     stride_mb = key_mask.stride(0) if has_key_mask else 0
+    has_groups = causal_groups is not None
+    # A batch of 1 broadcasts (stride 0), like the plan's dimensions.
+    groups = causal_groups.contiguous() if has_groups else q
+    stride_gb = groups.stride(0) if has_groups and groups.shape[0] == b else 0
     common = dict(
         HEAD_DIM=d,
         PLAN_BLOCK=block_size,
-        MASK_KEYS=s % block_size != 0 or has_key_mask,
+        MASK_KEYS=s % block_size != 0 or has_key_mask or has_groups,
         HAS_KEY_MASK=has_key_mask,
+        HAS_GROUPS=has_groups,
         # fp32 inputs would silently run as TF32 on tensor cores (10-bit mantissa); "ieee" keeps them exact.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=is_interpreted() and q.dtype == torch.bfloat16,
     )
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
-    plan_strides = (*kv_num.stride(), *kv_idx.stride(), stride_mb)
-    args = (q, k, v, out, lse, kv_num, kv_idx, key_mask, *strides, *plan_strides, h, s, scale * _LOG2E)
+    plan_strides = (*kv_num.stride(), *kv_idx.stride(), stride_mb, stride_gb)
+    args = (q, k, v, out, lse, kv_num, kv_idx, key_mask, groups, *strides, *plan_strides, h, s, scale * _LOG2E)
     if tiles is None and not is_interpreted():
 
         def grid(meta: dict) -> tuple[int, int]:
@@ -400,13 +438,14 @@ def _block_sparse_attn_op(
     block_size: int,
     scale: float,
     key_padding_mask: torch.Tensor | None,
+    causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.vidsparse.block_sparse_attn``: the kernel as an opaque op (a graph break-free unit for compile)."""
-    return _launch(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask)
+    return _launch(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups)
 
 
 @_block_sparse_attn_op.register_fake
-def _block_sparse_attn_fake(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask):
+def _block_sparse_attn_fake(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups=None):
     """Shapes and dtypes only, for tracing (torch.compile, FakeTensor): out like q, LSE float32 [B, H, S]."""
     b, h, s, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, s), dtype=torch.float32)
@@ -422,6 +461,7 @@ def block_sparse_attn(
     block_size: int,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
 
@@ -433,11 +473,15 @@ def block_sparse_attn(
         block_size: Tokens per plan block (64 or 128); the last block may be partial.
         scale: Softmax scale, default ``1 / sqrt(D)``.
         key_padding_mask: Optional bool ``[B, S]``, True where a key may be attended (ANDed with the plan).
+        causal_groups: Optional int32 ``[B or 1, S]`` in plan order: a query attends a key only when the key's group
+            is not greater than its own (block-causal model masks, ANDed with the plan).
 
     Returns:
         ``(out [B, H, S, D] in q's dtype, lse float32 [B, H, S])``; the LSE is a natural log. A query row without
         any attendable key gets output 0 and LSE ``-inf``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    _check_inputs(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask)
-    return torch.ops.vidsparse.block_sparse_attn(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask)
+    _check_inputs(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups)
+    return torch.ops.vidsparse.block_sparse_attn(
+        q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups
+    )

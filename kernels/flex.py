@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from vidsparse.plan import BlockPlan
+from vidsparse.plan import BlockPlan, block_mask_to_indices
+
+from .masks import fully_visible_pairs
 
 _compiled: Callable | None = None
 _warned_cpu_lse = False
@@ -47,13 +49,51 @@ def compiled_flex_attention() -> Callable:
     return _compiled
 
 
-def _padding_mask_mod(key_padding_mask: torch.Tensor) -> Callable:
-    """A FlexAttention mask_mod that hides padded keys (``key_padding_mask`` bool ``[B, S]`` in plan order)."""
+def _model_mask_mod(key_padding_mask: torch.Tensor | None, causal_groups: torch.Tensor | None) -> Callable:
+    """A FlexAttention mask_mod for the model's masks (both in plan order; either may be None).
 
-    def padded_keys(b, h, q_idx, kv_idx):
-        return key_padding_mask[b, kv_idx]
+    ``key_padding_mask`` bool ``[B, S]`` hides padded keys; ``causal_groups`` int ``[B, S]`` lets a query see a key
+    only when the key's group is not later than its own.
+    """
 
-    return padded_keys
+    def model_mask(b, h, q_idx, kv_idx):
+        keep = torch.ones_like(q_idx, dtype=torch.bool) if key_padding_mask is None else key_padding_mask[b, kv_idx]
+        if causal_groups is not None:
+            keep = keep & (causal_groups[b, kv_idx] <= causal_groups[b, q_idx])
+        return keep
+
+    return model_mask
+
+
+def _masked_block_mask(
+    plan: BlockPlan, batch: int, key_padding_mask: torch.Tensor | None, causal_groups: torch.Tensor | None
+):
+    """The plan's BlockMask with the model's masks ANDed.
+
+    Kept pairs the masks may hide become *partial* blocks (mask_mod evaluated); fully visible ones stay *full* (no
+    mask_mod: the fast path).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kept = plan.block_mask()
+    visible = fully_visible_pairs(plan, key_padding_mask, causal_groups)
+    full, partial = kept & visible, kept & ~visible  # [B or 1, H or 1, Qb, Kb]: FlexAttention broadcasts them
+    kv_num, kv_idx = block_mask_to_indices(partial)
+    full_num, full_idx = block_mask_to_indices(full)
+    # The mask_mod indexes the masks with the query's batch index: give them the full batch.
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(torch.bool).expand(batch, -1).contiguous()
+    if causal_groups is not None:
+        causal_groups = causal_groups.expand(batch, -1).contiguous()
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=plan.block_size,
+        mask_mod=_model_mask_mod(key_padding_mask, causal_groups),
+        seq_lengths=(plan.seq_len, plan.seq_len),
+    )
 
 
 def flex_block_sparse_attention(
@@ -65,6 +105,7 @@ def flex_block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention with FlexAttention.
 
@@ -74,25 +115,21 @@ def flex_block_sparse_attention(
         scale: Softmax scale; default ``1/sqrt(D)``.
         return_lse: Also return the natural-log LSE ``[B, H, S]`` (float32, plan order).
         key_padding_mask: Optional bool ``[B, S]`` in plan order; True keys may be attended.
+        causal_groups: Optional int ``[B or 1, S]`` in plan order: a query sees a key only when the key's group is
+            not greater than its own.
 
     Returns:
         ``(out [B, H, S, D], lse or None)``.
     """
-    from torch.nn.attention.flex_attention import AuxRequest, BlockMask
+    from torch.nn.attention.flex_attention import AuxRequest
 
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    block_mask = plan.to_block_mask()
-    if key_padding_mask is not None:
-        # Padded keys need a mask_mod, which FlexAttention only evaluates in *partial* blocks: move every kept
-        # block from the full list to the partial list.
-        block_mask = BlockMask.from_kv_blocks(
-            block_mask.full_kv_num_blocks,
-            block_mask.full_kv_indices,
-            BLOCK_SIZE=plan.block_size,
-            mask_mod=_padding_mask_mod(key_padding_mask.to(torch.bool)),
-            seq_lengths=(plan.seq_len, plan.seq_len),
-        )
+    if key_padding_mask is None and causal_groups is None:
+        block_mask = plan.to_block_mask()
+    else:
+        # The model's masks need a mask_mod, which FlexAttention only evaluates in *partial* blocks.
+        block_mask = _masked_block_mask(plan, q.shape[0], key_padding_mask, causal_groups)
     flex = compiled_flex_attention()
     on_cpu = q.device.type == "cpu"
     if on_cpu and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -119,5 +156,14 @@ def flex_block_sparse_attention(
         from .reference import reference_attention
 
         plain = BlockPlan(plan.kv_num, plan.kv_idx, plan.block_size, plan.seq_len, None, plan.video_range)
-        _, lse = reference_attention(q, k, v, plain, scale=scale, return_lse=True, key_padding_mask=key_padding_mask)
+        _, lse = reference_attention(
+            q,
+            k,
+            v,
+            plain,
+            scale=scale,
+            return_lse=True,
+            key_padding_mask=key_padding_mask,
+            causal_groups=causal_groups,
+        )
     return out, lse

@@ -23,6 +23,7 @@ def reference_attention(
     scale: float | None = None,
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked dense attention.
 
@@ -32,6 +33,8 @@ def reference_attention(
         scale: Softmax scale; default ``1/sqrt(D)``.
         return_lse: Also return the natural-log log-sum-exp of each query row.
         key_padding_mask: Optional bool ``[B, S]``, True for keys that may be attended (ANDed with the plan).
+        causal_groups: Optional int ``[B or 1, S]``: query ``i`` may attend key ``j`` only when
+            ``causal_groups[j] <= causal_groups[i]`` (block-causal masks; ANDed with the plan).
 
     Returns:
         ``(out [B, H, S, D], lse float32 [B, H, S] or None)``.
@@ -41,6 +44,8 @@ def reference_attention(
     mask = plan.to(q.device).to_dense_mask(original_order=True)
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :].to(torch.bool)
+    if causal_groups is not None:
+        mask = mask & (causal_groups[:, None, None, :] <= causal_groups[:, None, :, None])
     mask = mask.expand(b, h, s, s)
     # Computed in float32 with an explicit softmax: it is the oracle, precision matters more than speed.
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale

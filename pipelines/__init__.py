@@ -9,15 +9,36 @@ from __future__ import annotations
 import torch
 
 from .base import FamilyAdapter
+from .cogvideox import CogVideoXAdapter
+from .hunyuan_video import HunyuanVideo15Adapter, HunyuanVideoAdapter
+from .ltx import LTXAdapter
+from .mochi import MochiAdapter
+from .skyreels import SkyReelsV2Adapter
 from .wan import WanAdapter
 
 #: Every supported family, in the order ``vidsparse models`` lists them.
-ADAPTERS: list[FamilyAdapter] = [WanAdapter()]
+ADAPTERS: list[FamilyAdapter] = [
+    WanAdapter(),
+    SkyReelsV2Adapter(),
+    CogVideoXAdapter(),
+    HunyuanVideoAdapter(),
+    HunyuanVideo15Adapter(),
+    LTXAdapter(),
+    MochiAdapter(),
+]
 
 
 def supported_model_classes() -> list[str]:
     """Names of all transformer classes vidsparse supports."""
     return [cls for adapter in ADAPTERS for cls in adapter.model_classes]
+
+
+def get_adapter(name: str) -> FamilyAdapter:
+    """The adapter of family ``name``; ``ValueError`` listing the families otherwise."""
+    for adapter in ADAPTERS:
+        if adapter.name == name:
+            return adapter
+    raise ValueError(f"family={name!r} is unknown; families: {', '.join(a.name for a in ADAPTERS)}.")
 
 
 def adapter_for(transformer: torch.nn.Module) -> FamilyAdapter:

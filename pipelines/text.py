@@ -33,7 +33,13 @@ DEFAULT_VOCABULARY: tuple[str, ...] = tuple(
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<unk>", "<s>")
 
 
-def build_word_tokenizer(words: Iterable[str] = DEFAULT_VOCABULARY, *, model_max_length: int = 512, bos: bool = False):
+def build_word_tokenizer(
+    words: Iterable[str] = DEFAULT_VOCABULARY,
+    *,
+    model_max_length: int = 512,
+    bos: bool = False,
+    chat_template: str | None = None,
+):
     """A ``PreTrainedTokenizerFast`` over a fixed word list (lower-cased, split on whitespace and punctuation).
 
     Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``<s>`` 3, then the words in order. The post-processor appends
@@ -43,6 +49,7 @@ def build_word_tokenizer(words: Iterable[str] = DEFAULT_VOCABULARY, *, model_max
         words: The vocabulary; duplicates are dropped, order kept.
         model_max_length: Longest sequence the tokenizer reports.
         bos: Also add a beginning-of-sequence token.
+        chat_template: Optional Jinja chat template (for pipelines that call ``apply_chat_template``).
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -57,7 +64,7 @@ def build_word_tokenizer(words: Iterable[str] = DEFAULT_VOCABULARY, *, model_max
     tk.post_processor = processors.TemplateProcessing(
         single=single, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         pad_token="<pad>",
         eos_token="</s>",
@@ -65,13 +72,21 @@ def build_word_tokenizer(words: Iterable[str] = DEFAULT_VOCABULARY, *, model_max
         bos_token="<s>",
         model_max_length=model_max_length,
     )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
-def build_umt5_encoder(vocab_size: int, d_model: int, *, seed: int = 0, num_layers: int = 2, num_heads: int = 4):
-    """A small ``UMT5EncoderModel`` (Wan's text encoder class) with deterministic weights from ``seed``."""
-    from transformers import UMT5Config, UMT5EncoderModel
+def seeded_model(factory, seed: int):
+    """Build ``factory()`` under a private RNG seeded with ``seed`` (global RNG untouched), in eval mode, frozen."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory()
+    return model.eval().requires_grad_(False)
 
-    config = UMT5Config(
+
+def _t5_config(config_cls, vocab_size: int, d_model: int, num_layers: int, num_heads: int):
+    return config_cls(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=max(4, d_model // num_heads),
@@ -83,7 +98,98 @@ def build_umt5_encoder(vocab_size: int, d_model: int, *, seed: int = 0, num_laye
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(config)
-    return model.eval().requires_grad_(False)
+
+
+def build_umt5_encoder(vocab_size: int, d_model: int, *, seed: int = 0, num_layers: int = 2, num_heads: int = 4):
+    """A small ``UMT5EncoderModel`` (Wan's and SkyReels' text encoder class) with deterministic weights."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = _t5_config(UMT5Config, vocab_size, d_model, num_layers, num_heads)
+    return seeded_model(lambda: UMT5EncoderModel(config), seed)
+
+
+def build_t5_encoder(vocab_size: int, d_model: int, *, seed: int = 0, num_layers: int = 2, num_heads: int = 4):
+    """A small ``T5EncoderModel`` (CogVideoX, LTX, Mochi, HunyuanVideo 1.5's ByT5) with deterministic weights."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = _t5_config(T5Config, vocab_size, d_model, num_layers, num_heads)
+    return seeded_model(lambda: T5EncoderModel(config), seed)
+
+
+def build_llama_encoder(vocab_size: int, hidden_size: int, *, seed: int = 0, num_layers: int = 3):
+    """A small ``LlamaModel`` (HunyuanVideo's text encoder; the pipeline reads hidden state -3)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=3,
+    )
+    return seeded_model(lambda: LlamaModel(config), seed)
+
+
+def build_clip_text_encoder(vocab_size: int, hidden_size: int, *, seed: int = 0, max_positions: int = 77):
+    """A small ``CLIPTextModel`` (HunyuanVideo's pooled text encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=3,
+    )
+    return seeded_model(lambda: CLIPTextModel(config), seed)
+
+
+def build_qwen25vl_text_encoder(vocab_size: int, hidden_size: int, *, seed: int = 0, num_layers: int = 3):
+    """A small ``Qwen2_5_VLTextModel`` (HunyuanVideo 1.5's text encoder; the pipeline reads hidden state -3)."""
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    head_dim = hidden_size // 2
+    config = Qwen2_5_VLTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        # mrope sections (t, h, w) must add up to half a head dimension.
+        rope_scaling={"mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8], "rope_type": "default"},
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=3,
+    )
+    return seeded_model(lambda: Qwen2_5_VLTextModel(config), seed)
+
+
+def build_clip_vision_encoder(hidden_size: int, image_size: int, *, seed: int = 0):
+    """A small ``CLIPVisionModelWithProjection`` and a matching ``CLIPImageProcessor`` (Wan 2.1 I2V).
+
+    Returns:
+        ``(image_encoder, image_processor)``.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=image_size // 4,
+    )
+    encoder = seeded_model(lambda: CLIPVisionModelWithProjection(config), seed)
+    processor = CLIPImageProcessor(crop_size=image_size, size={"shortest_edge": image_size})
+    return encoder, processor

@@ -75,6 +75,27 @@ def test_eval_resume_report_and_strict(tmp_path, capsys, monkeypatch):
     assert "3 runs" in capsys.readouterr().out
 
 
+def test_rendered_clips_compare_like_eval_recorded(tmp_path, capsys):
+    """`vidsparse compare` of two rendered `.npy` clips gives the PSNR/SSIM/LPIPS that `vidsparse eval` recorded."""
+    prompt = "a green triangle spins"
+    (tmp_path / "prompts.txt").write_text(prompt + "\n")
+    geometry = ["--frames", "5", "--height", "128", "--width", "128", "--steps", "2", "--seed", "4"]
+    out = tmp_path / "r"
+    assert main(["eval", "--out", str(out), "--prompts", str(tmp_path / "prompts.txt"), "--methods", "window:window=0",
+                 "--repeats", "1", "--quiet", *geometry]) == 0  # fmt: skip
+    sparse = next(r for r in json.loads((out / "report.json").read_text())["runs"] if r["kind"] == "sparse")
+    recorded = sparse["metrics"]
+    assert recorded["lpips"] is not None and sparse["sparsity"]["sparse_calls"] > 0
+    render = ["render", "--prompt", prompt, *geometry]
+    assert main([*render, "--method", "none", "--out", str(tmp_path / "dense.npy")]) == 0
+    assert main([*render, "--method", "window:window=0", "--out", str(tmp_path / "sparse.npy")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "dense.npy"), str(tmp_path / "sparse.npy"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    for metric in ("psnr", "ssim", "lpips"):
+        assert measured[metric] == pytest.approx(recorded[metric], rel=1e-5, abs=1e-6), metric
+
+
 def test_eval_report_needs_an_eval_directory(tmp_path, capsys):
     assert main(["eval", "report", "--out", str(tmp_path)]) == 2
     assert "not a vidsparse eval directory" in capsys.readouterr().err

@@ -15,8 +15,10 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.render",
     "vidsparse.commands.compare",
     "vidsparse.commands.lpips_weights",
+    "vidsparse.commands.models",
     "vidsparse.commands.eval",
     "vidsparse.commands.plan",
+    "vidsparse.commands.calibrate",
     "vidsparse.commands.train_tiny",
 ]
 

@@ -60,6 +60,9 @@ class CallInfo:
         num_steps: Steps of the run, when known.
         timestep: Scheduler timestep of the call (first element), when the forward received one.
         grid: Latent token grid (T', H', W') of the video, or None when the adapter could not tell.
+        parallel_config: The transformer's diffusers ``ParallelConfig`` (set by ``enable_parallelism``), or None.
+            Processors installed after ``enable_parallelism`` take it from here (diffusers only reaches the
+            processors present when it is called).
     """
 
     model_index: int
@@ -68,6 +71,7 @@ class CallInfo:
     num_steps: int | None
     timestep: float | None
     grid: tuple[int, int, int] | None
+    parallel_config: Any = None
 
 
 @dataclass
@@ -83,6 +87,7 @@ class CallRecord:
     density: torch.Tensor | float | None = None
     plan_ms: float = 0.0
     tokens: int = 0
+    text_tokens: int = 0
 
 
 class SparseRuntime:
@@ -101,7 +106,8 @@ class SparseRuntime:
         self.num_steps_override: int | None = None
         self.current: CallInfo | None = None
         self.records: list[CallRecord] = []
-        self.stores: dict[tuple[int, int, str], dict[str, Any]] = {}
+        self.stores: dict[tuple[int, int, str], dict[str, Any]] = {}  # (model, layer, context) -> store
+        self.shared_stores: dict[tuple[int, int], dict[str, Any]] = {}  # (model, layer) -> store of all contexts
         self.record_stats = True
 
     # ------------------------------------------------------------------------------------------- lifecycle
@@ -109,6 +115,7 @@ class SparseRuntime:
         """Forget step counters and per-layer method state (cached patterns): a new generation starts."""
         self.state_manager.reset()
         self.stores.clear()
+        self.shared_stores.clear()
         self.current = None
 
     def clear_stats(self) -> None:
@@ -116,7 +123,9 @@ class SparseRuntime:
         self.records.clear()
 
     # ------------------------------------------------------------------------------------------ root hook
-    def begin_call(self, model_index: int, grid: tuple[int, int, int] | None, timestep: Any) -> bool:
+    def begin_call(
+        self, model_index: int, grid: tuple[int, int, int] | None, timestep: Any, parallel_config: Any = None
+    ) -> bool:
         """Advance the step of the current context; returns True when the hook set a default context itself."""
         own_context = self.state_manager._context is None
         if own_context:
@@ -132,7 +141,7 @@ class SparseRuntime:
             ts = float(timestep.reshape(-1)[0])
         elif isinstance(timestep, int | float):
             ts = float(timestep)
-        self.current = CallInfo(model_index, ctx.name, state.step, num_steps, ts, grid)
+        self.current = CallInfo(model_index, ctx.name, state.step, num_steps, ts, grid, parallel_config)
         return own_context
 
     def end_call(self, own_context: bool) -> None:
@@ -180,15 +189,45 @@ class SparseRuntime:
 
     @torch.compiler.disable
     def plan(
-        self, attn: torch.nn.Module, config: SparseConfig, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout
+        self,
+        attn: torch.nn.Module,
+        config: SparseConfig,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        layout: VideoLayout,
+        *,
+        head_offset: int = 0,
+        num_heads: int | None = None,
     ) -> BlockPlan:
-        """Plan this call with ``config``'s method (static plans come from the geometry cache); records it."""
+        """Plan this call with ``config``'s method (static plans come from the geometry cache); records it.
+
+        Args:
+            q, k: ``[B, S, H, D]``: the full sequence; under context parallelism only this rank's heads.
+            head_offset: Index of q's first head among the layer's ``num_heads`` heads (context parallelism).
+            num_heads: Heads of the layer (default: q's). A plan the method makes for all ``num_heads`` heads is
+                cut to q's heads.
+        """
         info = self.call_info(attn)
         layer = attn._vidsparse_layer
+        local_heads = q.shape[2]
+        num_heads = local_heads if num_heads is None else num_heads
         store = self.stores.setdefault((info.model_index, layer, info.context), {})
-        ctx = PlanContext(layer=layer, step=info.step, num_steps=info.num_steps, context=info.context, store=store)
+        shared = self.shared_stores.setdefault((info.model_index, layer), {})
+        ctx = PlanContext(
+            layer=layer,
+            step=info.step,
+            num_steps=info.num_steps,
+            context=info.context,
+            store=store,
+            model=info.model_index,
+            shared=shared,
+            head_offset=head_offset,
+            num_heads=num_heads,
+        )
         start = time.perf_counter()
         plan = build_plan(config, q, k, layout, ctx)
+        if local_heads != num_heads and plan.kv_num.shape[1] == num_heads:
+            plan = plan.select_heads(head_offset, head_offset + local_heads)
         if self.record_stats:
             self.records.append(
                 CallRecord(
@@ -201,13 +240,18 @@ class SparseRuntime:
                     plan.mean_density,
                     (time.perf_counter() - start) * 1000,
                     layout.num_video_tokens,
+                    layout.text_len,
                 )
             )
         return plan
 
     # ------------------------------------------------------------------------------------------- reports
     def stats(self) -> list[dict[str, Any]]:
-        """One dict per recorded self-attention call: model, layer, step, context, sparse, reason, density, plan_ms."""
+        """One dict per recorded self-attention call.
+
+        Keys: model, layer, step, context, sparse, reason, density, plan_ms, tokens (video), text_tokens (text in the
+        same sequence, joint attention; recorded for sparse calls).
+        """
         rows = []
         for r in self.records:
             density = r.density
@@ -224,6 +268,7 @@ class SparseRuntime:
                     "density": density if r.sparse else 1.0,
                     "plan_ms": r.plan_ms,
                     "tokens": r.tokens,
+                    "text_tokens": r.text_tokens,
                 }
             )
         return rows
@@ -260,10 +305,15 @@ class VidSparseRootHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
-        """Count the step and publish grid and timestep before the transformer runs."""
+        """Count the step and publish grid, timestep and parallel config before the transformer runs.
+
+        The grid is read from the transformer's own input, which context parallelism has not split yet: diffusers'
+        split hooks shard the sequence at inner modules (Wan: ``rope`` and ``blocks.0``).
+        """
         grid = self.adapter.grid_from_forward(module, args, kwargs)
         timestep = kwargs.get("timestep", None)
-        self._own_context.append(self.runtime.begin_call(self.model_index, grid, timestep))
+        parallel_config = getattr(module, "_parallel_config", None)
+        self._own_context.append(self.runtime.begin_call(self.model_index, grid, timestep, parallel_config))
         return args, kwargs
 
     @torch.compiler.disable

@@ -15,7 +15,7 @@ import torch
 
 from .config import SparseConfig
 from .hooks import SparseRuntime, VidSparseRootHook, install_root_hook, remove_root_hook
-from .methods import make_config
+from .methods import get_method, make_config
 
 #: Pipeline attributes that hold denoising transformers (Wan 2.2 A14B has two experts).
 TRANSFORMER_ATTRIBUTES: tuple[str, ...] = ("transformer", "transformer_2")
@@ -72,7 +72,7 @@ class SparseHandle:
         """One row per video self-attention call since the last :meth:`clear_stats`.
 
         Keys: model, layer, step, context, sparse (bool), reason, measured density (1.0 for dense calls), plan_ms,
-        tokens.
+        tokens (video), text_tokens (text tokens in the same attention sequence, for sparse calls).
         """
         return self.runtime.stats()
 
@@ -101,6 +101,7 @@ class SparseHandle:
         if not self.active:
             return
         for adapter, module, original in self._originals:
+            _carry_diffusers_settings(adapter.get_processor(module), original)
             adapter.set_processor(module, original)
         for module in self._modules:
             for tag in _TAGS:
@@ -124,11 +125,36 @@ class SparseHandle:
         return f"SparseHandle(method={method!r}, transformers={len(self.transformers)}, active={self.active})"
 
 
+#: Processor attributes diffusers writes on every processor that declares them (``set_attention_backend``,
+#: ``enable_parallelism``): they belong to the module's slot and move with it when processors are swapped.
+DIFFUSERS_PROCESSOR_SETTINGS = ("_attention_backend", "_parallel_config")
+
+
+def _carry_diffusers_settings(current: Any, original: Any) -> None:
+    """Give ``original`` the diffusers settings made while ``current`` (ours) was installed.
+
+    E.g. ``enable_parallelism`` after :func:`apply`: the restored stock processor must run as diffusers configured
+    the model, or it would attend over its local sequence shard only.
+    """
+    for name in DIFFUSERS_PROCESSOR_SETTINGS:
+        value = getattr(current, name, None)
+        if value is not None and hasattr(original, name):
+            setattr(original, name, value)
+
+
 def _install(pipe_or_transformer: Any, config: SparseConfig | None, num_steps: int | None) -> SparseHandle:
     from vidsparse.pipelines import adapter_for
+    from vidsparse.pipelines.parallel import check_context_parallel, context_parallel_config
 
     transformers = transformers_of(pipe_or_transformer)
     adapters = [adapter_for(t) for t in transformers]  # fails before anything is touched
+    check_model = get_method(config.method).check_model if config is not None else None
+    if check_model is not None:
+        check_model(config, transformers)  # e.g. a calibration file made for another model: refused here
+    for t in transformers:
+        cp_config = context_parallel_config(getattr(t, "_parallel_config", None))
+        if cp_config is not None:
+            check_context_parallel(cp_config)  # ring attention: refused before anything is touched
     for t in transformers:
         if getattr(t, "_vidsparse_handle", None) is not None:
             raise RuntimeError(

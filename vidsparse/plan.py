@@ -119,6 +119,27 @@ class BlockPlan:
             dict(self.meta),
         )
 
+    def select_heads(self, start: int, stop: int) -> BlockPlan:
+        """The plan of heads ``[start, stop)`` only (a plan that broadcasts over heads, H = 1, is returned as is).
+
+        Context parallelism (Ulysses) gives each rank a contiguous range of heads; a plan made for every head of
+        the layer is cut to that range here.
+        """
+        heads = self.kv_num.shape[1]
+        if heads == 1:
+            return self
+        if not 0 <= start < stop <= heads:
+            raise ValueError(f"heads [{start}, {stop}) are outside the plan's {heads} heads.")
+        return BlockPlan(
+            self.kv_num[:, start:stop],
+            self.kv_idx[:, start:stop],
+            self.block_size,
+            self.seq_len,
+            self.perm,
+            self.video_range,
+            dict(self.meta),
+        )
+
     # ------------------------------------------------------------------------------------------ constructors
     @classmethod
     def from_block_mask(

@@ -15,7 +15,7 @@ from vidsparse.config import SparseConfig
 from vidsparse.methods import method_names, parse_method_spec
 
 #: Method used when none is given on the command line.
-DEFAULT_METHOD = "window"
+DEFAULT_METHOD = "radial"
 #: ``--method`` value that leaves the pipeline untouched (stock diffusers attention).
 STOCK = "none"
 

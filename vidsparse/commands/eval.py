@@ -3,6 +3,8 @@
 vidsparse eval --out r/                                   # embedded default model, default methods and prompts
 vidsparse eval --out r/ --methods window:window=0 radial --densities 0.2 0.4 --prompts prompts.txt --seeds 0 1
 vidsparse eval --out r/ --resume                          # continue an interrupted sweep (finished runs kept)
+vidsparse eval --out r/ --num-processes 4                 # the runs shared by 4 processes (one GPU each)
+accelerate launch --multi_gpu --num_processes 4 -m vidsparse eval --out r/      # the same, started by hand
 vidsparse eval report --out r/                            # rebuild the report from the run files
 vidsparse eval attention --json a.json                    # synthetic attention suite, every method x density
 
@@ -10,7 +12,8 @@ Each prompt x seed is rendered once with stock dense attention (the reference, c
 method configuration, with the same seed, schedule and shapes. Each run's result is written atomically to
 r/runs/<run_id>.json when it ends; a run that fails is recorded with its error and the sweep continues (exit status
 1 at the end only with --strict). The report (r/report.json, report.md, index.html, plots/pareto.png, clips/) is
-rebuilt from every run file in r/.
+rebuilt from every run file in r/. Several processes (torchrun, accelerate launch, --num-processes) share the runs
+by dense reference, each on its own GPU, and the main process builds the one report (see vidsparse.eval.distributed).
 """
 
 from __future__ import annotations
@@ -18,9 +21,18 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+from vidsparse.eval.distributed import (
+    DEFAULT_TIMEOUT_S,
+    SweepProcesses,
+    forwarded_arguments,
+    launch_command,
+    launched_world_size,
+    shard_jobs,
+)
 from vidsparse.eval.specs import default_methods
 
 from .common import add_model_args, load_pipeline, resolve_device, resolve_dtype
@@ -38,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_sweep_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, sweep_parser=p)
     inner = p.add_subparsers(dest="eval_command", metavar="{attention,report}")
 
     from vidsparse.eval.attention_suite import add_suite_args, run_from_args
@@ -92,6 +104,19 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diff-gain", type=float, default=4.0, help="gain of the |difference| panel (default: 4)")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the written clips")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        help="share the runs among N processes (one GPU each on CUDA) started with `accelerate launch`; under "
+        "torchrun or accelerate launch the processes are those of the launcher",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="with several processes: how long one waits for the others to finish their runs (default: 24 h)",
+    )
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -110,7 +135,7 @@ def read_prompts(path: str | None) -> list[str]:
     return prompts
 
 
-def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
+def check_out_dir(out: Path, *, resume: bool, force: bool) -> None:
     """Refuse to mix with earlier results unless asked: ``--resume`` continues, ``--force`` deletes them first."""
     if resume and force:
         raise ValueError(
@@ -118,6 +143,16 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory.")
+    if not force and not resume and out.is_dir() and any(out.iterdir()):
+        raise ValueError(
+            f"--out {str(out)!r} is not empty. Pass --resume to continue that sweep (finished runs are kept and not "
+            "redone) or --force to delete its previous results; or choose another --out."
+        )
+
+
+def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """:func:`check_out_dir`, then create ``out`` (``--force``: after deleting what an earlier eval wrote there)."""
+    check_out_dir(out, resume=resume, force=force)
     if force:
         for name in OWNED_PATHS:
             path = out / name
@@ -125,11 +160,6 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    elif not resume and out.is_dir() and any(out.iterdir()):
-        raise ValueError(
-            f"--out {str(out)!r} is not empty. Pass --resume to continue that sweep (finished runs are kept and not "
-            "redone) or --force to delete its previous results; or choose another --out."
-        )
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -154,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from vidsparse.commands.render import check_frames
     from vidsparse.eval.harness import Geometry, Runner, plan_jobs, run_sweep
     from vidsparse.eval.report import build_report, summary_markdown
+    from vidsparse.eval.results import load_run
     from vidsparse.eval.specs import expand_methods
     from vidsparse.pipelines.tiny import default_model_name, defaults_for
 
@@ -178,7 +209,22 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
     )
     out = Path(args.out)
-    prepare_out_dir(out, resume=args.resume, force=args.force)
+    check_out_dir(out, resume=args.resume, force=args.force)
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes {args.num_processes} is invalid: expected an integer >= 1.")
+    world = launched_world_size()
+    if world == 1 and (args.num_processes or 1) > 1:
+        return launch_processes(args)
+    if world > 1 and args.num_processes not in (None, world):
+        raise ValueError(
+            f"--num-processes {args.num_processes} disagrees with the {world} processes the launcher started "
+            "(WORLD_SIZE); under torchrun or accelerate launch leave --num-processes out."
+        )
+    processes = SweepProcesses.start(args.dist_timeout)
+    device = processes.device(device)
+    if processes.is_main:
+        prepare_out_dir(out, resume=args.resume, force=args.force)
+    processes.wait_for_everyone()  # nobody writes before the main process has prepared the directory
 
     resolved = {
         "model": model,
@@ -196,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         "lpips_weights": args.lpips_weights,
         "diff_gain": args.diff_gain,
         "fps": args.fps,
+        "num_processes": processes.count if processes.count > 1 else None,
     }
     command = command_line(resolved, [f for f in ("resume", "force", "strict", "quiet") if getattr(args, f)])
     jobs = plan_jobs(
@@ -208,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         device_type=device.type,
         model_seed=args.seed,
     )
+    mine = shard_jobs(jobs, processes.index, processes.count)
 
     def load(job):
         pipe, _ = load_pipeline(job.model, device=device, dtype=dtype, seed=job.model_seed)
@@ -225,24 +273,43 @@ def run(args: argparse.Namespace) -> int:
         command=command,
         progress=not args.quiet,
         load_pipeline=load,
+        process=(processes.index, processes.count),
     )
+    share = f"; process {processes.index} of {processes.count}: {len(mine)} of them" if processes.count > 1 else ""
     print(
         f"eval: {len(jobs)} runs ({len(prompts)} prompts x {len(seeds)} seeds x (dense + {len(method_runs)} "
         f"method configs)) on {model} {geometry.frames}x{geometry.height}x{geometry.width}, {geometry.steps} steps, "
-        f"{device} {dtype_name}, warm-up + {repeats} timed",
+        f"{device} {dtype_name}, warm-up + {repeats} timed{share}",
         flush=True,
     )
-    result = run_sweep(jobs, runner, resume=args.resume, progress=not args.quiet)
+    result = run_sweep(mine, runner, resume=args.resume, progress=not args.quiet)
+    prefix = f"process {processes.index} of {processes.count}: " if processes.count > 1 else ""
+    print(
+        f"{prefix}runs: {len(result.executed)} run, {len(result.skipped)} already done, {len(result.failed)} failed"
+        + (f" ({', '.join(result.failed)})" if result.failed else ""),
+        flush=True,
+    )
+    processes.wait_for_everyone()  # every run file of the sweep is written
+    if not processes.is_main:
+        return 1 if (args.strict and result.failed) else 0
     report = build_report(out, command=command, device=device)
     print(summary_markdown(report))
     for note in report["notes"]:
         print(f"note: {note}")
-    print(
-        f"runs: {len(result.executed)} run, {len(result.skipped)} already done, {len(result.failed)} failed"
-        + (f" ({', '.join(result.failed)})" if result.failed else "")
-    )
+    failed = result.failed
+    if processes.count > 1:
+        failed = [job.run_id for job in jobs if (load_run(out, job.run_id)[0] or {}).get("status") == "failed"]
+        print(f"sweep: {len(jobs)} runs by {processes.count} processes, {len(failed)} failed")
     print(f"wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'report.json'}")
-    return 1 if (args.strict and result.failed) else 0
+    return 1 if (args.strict and failed) else 0
+
+
+def launch_processes(args: argparse.Namespace) -> int:
+    """``--num-processes N`` outside a launcher: run this command again in N processes with ``accelerate launch``."""
+    forwarded = forwarded_arguments(args.sweep_parser, args, drop=("num_processes",))
+    command = launch_command(args.num_processes, forwarded)
+    print(f"eval: starting {args.num_processes} processes: {shlex.join(command)}", flush=True)
+    return subprocess.run(command, check=False).returncode
 
 
 def run_report(args: argparse.Namespace) -> int:

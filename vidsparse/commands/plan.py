@@ -4,7 +4,7 @@ Users look at a mask before they trust it. Static methods (radial, window, dense
 methods get structured synthetic q/k from :mod:`vidsparse.eval.synthetic`.
 
     vidsparse plan radial --frames 21 --height 30 --width 52 --density 0.3 --png mask.png
-    vidsparse plan radial --opt faithful=true --opt decay=0.2 --block-size 128 --png faithful.png
+    vidsparse plan radial:faithful=true,decay=0.2,strict_tokens=false --block-size 128 --png faithful.png
 """
 
 from __future__ import annotations

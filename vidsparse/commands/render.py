@@ -11,8 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from vidsparse.eval.video_io import write_video
 from vidsparse.integration import apply
 
@@ -55,6 +53,7 @@ def check_frames(pipe, frames: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render and write the clip; print time, steps and the measured density."""
+    from vidsparse.pipelines.support import generation_kwargs
     from vidsparse.pipelines.tiny import defaults_for
 
     config = method_config(args)  # validate options before the (slow) model load
@@ -69,18 +68,21 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or d.steps
     check_frames(pipe, frames)
     handle = apply(pipe, config) if config is not None else None
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     t1 = time.perf_counter()
     result = pipe(
-        prompt=args.prompt or d.prompt,
-        negative_prompt=args.negative_prompt,
-        num_frames=frames,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-        generator=generator,
-        output_type="np",
+        **generation_kwargs(
+            pipe,
+            d,
+            steps=steps,
+            seed=args.seed,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            frames=frames,
+            height=height,
+            width=width,
+            guidance_scale=args.guidance_scale,
+            output_type="np",
+        )
     )
     gen_s = time.perf_counter() - t1
     frames_np = result.frames[0]

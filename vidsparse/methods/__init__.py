@@ -30,6 +30,7 @@ _METHOD_MODULES: dict[str, str] = {
     "moba": "vidsparse.methods.moba",
     "radial": "vidsparse.methods.radial",
     "draft": "vidsparse.methods.draft",
+    "cached": "vidsparse.methods.cached",
 }
 
 
@@ -42,7 +43,16 @@ class PlanContext:
         step: Denoising step index in the current cache context (0-based).
         num_steps: Steps of the run when known.
         context: Cache-context name (``"cond"``, ``"uncond"``, ``"cond_uncond"`` or ``"default"``).
-        store: Per-layer mutable storage for methods that reuse work across steps; reset per generation.
+        store: Mutable storage of this (model, layer, cache context), for methods that reuse work across steps;
+            reset per generation.
+        model: Index of the transformer in the handle (0 = ``transformer``, 1 = ``transformer_2`` of Wan 2.2).
+        shared: Mutable storage of this (model, layer) shared by all cache contexts (cond, uncond, ...), for state
+            that one branch computes and the others reuse; reset per generation like ``store``.
+        head_offset: Index, among the layer's heads, of the first head of the q/k being planned. Non-zero under
+            context parallelism (Ulysses), where each rank plans a contiguous range of heads; methods with
+            per-head state that is indexed by head (calibration files) read heads ``head_offset ...
+            head_offset + q.shape[2] - 1``, or return a plan of all ``num_heads`` heads (the runtime cuts it).
+        num_heads: Heads of the layer (None: q's heads, i.e. no context parallelism).
     """
 
     layer: int = 0
@@ -50,6 +60,10 @@ class PlanContext:
     num_steps: int | None = None
     context: str = "default"
     store: dict[str, Any] = field(default_factory=dict)
+    model: int = 0
+    shared: dict[str, Any] = field(default_factory=dict)
+    head_offset: int = 0
+    num_heads: int | None = None
 
 
 PlanFn = Callable[[torch.Tensor | None, torch.Tensor | None, VideoLayout, Any, PlanContext], BlockPlan]
@@ -67,6 +81,9 @@ class MethodSpec:
         summary: One line for ``vidsparse models`` and the README.
         targets_density: True when the method plans to its config's ``density`` target (so sweeps over densities
             make sense for it); False for methods whose density follows from other options (``window``).
+        check_model: Optional ``check_model(config, transformers)``, called by :func:`vidsparse.apply` before
+            anything is installed: a method whose config refers to a model (a calibration file) raises a clear
+            ``ValueError`` there instead of failing mid-generation.
     """
 
     name: str
@@ -75,6 +92,7 @@ class MethodSpec:
     static: bool
     summary: str
     targets_density: bool = False
+    check_model: Callable[[Any, list[torch.nn.Module]], None] | None = None
 
 
 def method_names() -> list[str]:

@@ -20,9 +20,10 @@ Algorithm (per call, per sample, per head):
      latent frame; the rest of the budget goes to the largest remaining ``P`` of the head. Density equals the
      target unless the forced entries alone exceed it.
 
-   Our defaults: ``key_variance=True``, ``min_row_share=0.5``, ``sink=False``. Each of the first two lowers the
-   attention error on the synthetic suite at equal density, and together they do so at every density tried (0.1,
-   0.25, 0.5; README). The sink helps further on heads that have one, but it is model-specific (upstream Radial
+   Our defaults: ``key_variance=True``, ``min_row_share=0.5``, ``sink=False``. Both were chosen on the synthetic
+   attention suite at equal density (rerun the comparison with ``vidsparse eval attention --methods draft
+   draft:key_variance=false draft:min_row_share=0 --densities 0.1 0.25 0.5``).
+   The sink helps further on heads that have one, but it is model-specific (upstream Radial
    keeps a first-frame sink for Wan and dropped it for HunyuanVideo) and costs ``1/T'`` of the pairs: at 9 latent
    frames it alone takes 0.12, more than a 0.1 budget. So it is an option.
 5. **Text** tokens (joint models) attend and are attended densely; they are not pooled.
