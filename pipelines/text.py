@@ -26,6 +26,7 @@ DEFAULT_VOCABULARY: tuple[str, ...] = tuple(
     cat dog bird person car tree house city street forest beach mountain river ocean sunset night day
     walking running flying swimming dancing sitting playing video clip scene photo cinematic realistic
     big small large tiny two three one
+    as
     """.split()
 )
 

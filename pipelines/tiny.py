@@ -1,7 +1,9 @@
-"""Tiny offline pipelines of the real diffusers classes, built from configs with deterministic weights.
+"""Tiny offline pipelines of the real diffusers classes: the trained "shapes" model, and random-weight ones.
 
-No file is downloaded: text encoders and tokenizers are built in memory (:mod:`vidsparse.pipelines.text`), every
-other component from a config. The weights are random (from a fixed seed), so the clips are noise-like: these
+"shapes" (the default) loads the project's own trained weights from the package files
+(:mod:`vidsparse.pipelines.shapes`). The others are built from configs with deterministic weights. No file is
+downloaded: text encoders and tokenizers are built in memory (:mod:`vidsparse.pipelines.text`), every
+other component from a config. Their weights are random (from a fixed seed), so the clips are noise-like: these
 pipelines exercise the integration (hooks, processors, step counting, masks) exactly as a real checkpoint would.
 
     pipe = vidsparse.pipelines.tiny.build("wan")
@@ -21,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .shapes import DEFAULT_GEOMETRY as _SHAPES_GEOMETRY
+from .shapes import build_shapes
 from .text import (
     build_clip_text_encoder,
     build_clip_vision_encoder,
@@ -515,6 +519,18 @@ def _spec(name: str, builder, family: str, description: str, **kw: Any) -> TinyS
 TINY_PIPELINES: dict[str, TinySpec] = {
     spec.name: spec
     for spec in [
+        # The project's trained model (weights shipped in pipelines/assets/shapes): the default of render and eval.
+        TinySpec(
+            "shapes",
+            build_shapes,
+            _SHAPES_GEOMETRY["num_frames"],
+            _SHAPES_GEOMETRY["height"],
+            _SHAPES_GEOMETRY["width"],
+            _SHAPES_GEOMETRY["num_inference_steps"],
+            _SHAPES_GEOMETRY["guidance_scale"],
+            "Wan 2.1 T2V layout trained on procedural shapes clips; 4096 tokens per self-attention call",
+            "a red circle moves right over a plain gray background",
+        ),
         TinySpec("wan", build_wan, 17, 128, 128, 8, 5.0, "Wan 2.1 T2V layout, random weights"),
         TinySpec("wan2.2", build_wan22, 17, 128, 128, 8, 5.0, "Wan 2.2 A14B two-expert layout, random weights"),
         _spec(

@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.plan",
     "vidsparse.commands.calibrate",
     "vidsparse.commands.bench",
+    "vidsparse.commands.train_tiny",
 ]
 
 

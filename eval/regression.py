@@ -1,0 +1,114 @@
+"""Sparse-vs-dense quality of every method on one pipeline: the measurement behind the quality regression test.
+
+    from vidsparse.pipelines.shapes import load_pipeline
+    pipe = load_pipeline()
+    rows = method_psnrs(pipe, density=0.5, num_inference_steps=3)   # [{"method", "config", "psnr_db", ...}]
+
+``python -m vidsparse.eval.regression`` prints the rows as JSON for the shipped shapes model at its default render
+geometry: run it to (re)measure the floors recorded in ``tests/test_shapes_quality.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidsparse import apply, make_config, method_names
+from vidsparse.config import SparseConfig
+from vidsparse.methods import get_method
+
+from .metrics import psnr
+
+#: Prompt of the regression renders.
+PROMPT = "a red circle moves right over a plain gray background"
+
+
+#: Settings under which a method takes a target density (moba's default threshold selection derives its density
+#: from ``tau``; its top-k selection keeps the ``density`` fraction of chunks).
+DENSITY_SETTINGS: dict[str, dict[str, Any]] = {"moba": {"selection": "topk"}}
+
+
+def density_methods() -> list[str]:
+    """Registered methods that plan to a target density (``MethodSpec.targets_density``), in registry order."""
+    return [name for name in method_names() if get_method(name).targets_density]
+
+
+def config_at_density(method: str, density: float) -> SparseConfig:
+    """The config of ``method`` (one of :func:`density_methods`) at ``density``, with :data:`DENSITY_SETTINGS`."""
+    return make_config(method, density=density, **DENSITY_SETTINGS.get(method, {}))
+
+
+def render(pipe, *, seed: int = 0, prompt: str = PROMPT, **geometry: Any) -> np.ndarray:
+    """One clip as float ``[T, H, W, 3]`` in [0, 1] (``geometry``: num_frames, height, width, steps, guidance)."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, generator=generator, output_type="np", **geometry).frames[0]
+
+
+def method_psnrs(
+    pipe,
+    *,
+    density: float = 0.5,
+    methods: list[str] | None = None,
+    seed: int = 0,
+    **geometry: Any,
+) -> list[dict[str, Any]]:
+    """PSNR of each method's render against the dense render of the same seed, prompt and geometry.
+
+    Args:
+        pipe: A pipeline ``vidsparse.apply`` supports.
+        density: Target density for methods that take one.
+        methods: Method names (default: :func:`density_methods`).
+        seed: Seed of the initial noise (shared by all renders).
+        **geometry: ``num_frames``, ``height``, ``width``, ``num_inference_steps``, ``guidance_scale``.
+
+    Returns:
+        One dict per method: ``method``, ``config`` (its fields), ``psnr_db``, ``measured_density`` (mean over the
+        sparse calls, from the handle's statistics; ``None`` when no call was sparse), ``seconds``.
+    """
+    dense = render(pipe, seed=seed, **geometry)
+    rows = []
+    for name in methods or density_methods():
+        config = config_at_density(name, density)
+        t0 = time.perf_counter()
+        with apply(pipe, config) as handle:
+            frames = render(pipe, seed=seed, **geometry)
+            summary = handle.summary()
+        rows.append(
+            {
+                "method": name,
+                "config": config.to_dict(),
+                "psnr_db": round(psnr(frames, dense), 3),
+                "measured_density": summary.get("sparse_density"),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print :func:`method_psnrs` of the shipped shapes model (``--steps N``, default 3) as JSON."""
+    import argparse
+
+    from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="denoising steps of each render")
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--seeds", type=int, default=1, help="repeat over seeds 0..N-1")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    pipe = load_pipeline()
+    geometry = {**DEFAULT_GEOMETRY, "num_inference_steps": args.steps}
+    for seed in range(args.seeds):
+        for row in method_psnrs(pipe, density=args.density, seed=seed, **geometry):
+            print(json.dumps({"seed": seed, "steps": args.steps, **row}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
