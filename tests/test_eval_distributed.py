@@ -17,8 +17,8 @@ from vidsparse.eval.harness import Geometry, plan_jobs
 from vidsparse.eval.specs import expand_methods
 
 SWEEP = [
-    "--frames", "5", "--height", "128", "--width", "128", "--steps", "2", "--lpips", "none", "--quiet",
-    "--device", "cpu", "--methods", "window:window=0",
+    "--model", "tiny-wan", "--frames", "5", "--height", "128", "--width", "128", "--steps", "2",
+    "--lpips", "none", "--quiet", "--device", "cpu", "--methods", "window:window=0",
 ]  # fmt: skip
 
 
