@@ -144,19 +144,9 @@ def block_sparse_attention(
         if causal_groups is not None:
             causal_groups = groups_in_plan_order
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    if name == "gather":
-        out, lse = gather_block_sparse_attention(
-            qh,
-            kh,
-            vh,
-            plan,
-            scale=scale,
-            return_lse=return_lse,
-            key_padding_mask=key_padding_mask,
-            causal_groups=causal_groups,
-        )
-    elif name == "flex":
-        out, lse = flex_block_sparse_attention(
+    if name in ("gather", "flex"):  # the CPU executors share one signature
+        executor = gather_block_sparse_attention if name == "gather" else flex_block_sparse_attention
+        out, lse = executor(
             qh,
             kh,
             vh,
