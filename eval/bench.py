@@ -31,27 +31,23 @@ from vidsparse.plan import BlockPlan
 
 from .specs import canonical_spec
 from .synthetic import synthetic_qkv
+from .timing import synchronize
 
 #: Default geometries (latent token grids): Wan 480p at 33 frames (14 040 tokens) and 81 frames (32 760 tokens).
 DEFAULT_GEOMETRIES: tuple[tuple[int, int, int], ...] = ((9, 30, 52), (21, 30, 52))
 DEFAULT_DENSITIES: tuple[float, ...] = (0.1, 0.25, 0.5)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
@@ -85,12 +81,12 @@ def _bench_layout(
         ctx = PlanContext(layer=0, step=0)
         start = time.perf_counter()
         plan = build_plan(config, q, k, layout, ctx)
-        _sync(device)
+        synchronize(device)
         plan_first_ms = (time.perf_counter() - start) * 1000
         plan_ms = time_ms(lambda cfg=config, c=ctx: build_plan(cfg, q, k, layout, c), device, repeats, 0)
         start = time.perf_counter()
         block_sparse_attention(q, k, v, plan, backend=backend)  # compiles a new shape
-        _sync(device)
+        synchronize(device)
         compile_s = time.perf_counter() - start
         if get_method(config.method).static:
             attn_ms = time_ms(lambda p=plan: block_sparse_attention(q, k, v, p, backend=backend), device, repeats)
@@ -229,10 +225,10 @@ class _SelfAttentionTimer:
         def timed(query, key, value, *args, **kwargs):
             if query.shape[-2] != key.shape[-2]:
                 return original(query, key, value, *args, **kwargs)
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             out = original(query, key, value, *args, **kwargs)
-            _sync(self.device)
+            synchronize(self.device)
             self.seconds += time.perf_counter() - start
             self.calls += 1
             return out
@@ -316,7 +312,7 @@ def bench_e2e(
         with _SelfAttentionTimer(device) as attention:
             start = time.perf_counter()
             generate()
-            _sync(device)
+            synchronize(device)
             warmup_s = time.perf_counter() - start
         share = attention.seconds / warmup_s
         say(f"dense warm-up {warmup_s:.1f} s, self-attention {attention.seconds:.1f} s: attention share {share:.3f}")
