@@ -108,6 +108,37 @@ def build_umt5_encoder(vocab_size: int, d_model: int, *, seed: int = 0, num_laye
     return seeded_model(lambda: UMT5EncoderModel(config), seed)
 
 
+def attend_to_neighbouring_words(encoder, strength: float = 4.0) -> None:
+    """Make a random (U)T5 encoder's first layer mix every word with the words next to it, in place.
+
+    A T5 encoder has no absolute positions, only a learned relative-position bias, and with random weights that bias
+    is near zero: each output vector is then its word's embedding plus a nearly uniform average of the sentence, a
+    bag of words. "a red circle ... over a plain blue background" and "a blue circle ... over a plain red background"
+    encode to vectors with cosine similarity 0.999 word for word (measured), so a model conditioned on them cannot
+    tell which colour is the shape's. Setting the first layer's bias so that heads 0 and 2 attend to the previous
+    word and heads 1 and 3 to the next one (``strength`` on those relative positions, 0 elsewhere) makes "red"
+    before "circle" and "red" before "background" differ (cosine 0.57) while "red" and "blue" stay apart (0.17).
+
+    Args:
+        encoder: ``UMT5EncoderModel`` or ``T5EncoderModel`` with ``relative_attention_num_buckets=8`` (bucket 1 is
+            the previous token, bucket ``8 // 2 + 1`` the next one) and at least 2 heads.
+        strength: Bias added to the neighbouring word's logit; 4 gives it about 0.9 of the head's attention.
+    """
+    attention = encoder.encoder.block[0].layer[0].SelfAttention
+    buckets = encoder.config.relative_attention_num_buckets
+    if buckets != 8 or attention.n_heads < 2:
+        raise ValueError(
+            f"attend_to_neighbouring_words needs 8 relative-position buckets and >= 2 heads, got {buckets} buckets "
+            f"and {attention.n_heads} heads"
+        )
+    previous_word, next_word = 1, buckets // 2 + 1
+    with torch.no_grad():
+        bias = attention.relative_attention_bias.weight  # [buckets, heads]
+        bias.zero_()
+        for head in range(attention.n_heads):
+            bias[previous_word if head % 2 == 0 else next_word, head] = strength
+
+
 def build_t5_encoder(vocab_size: int, d_model: int, *, seed: int = 0, num_layers: int = 2, num_heads: int = 4):
     """A small ``T5EncoderModel`` (CogVideoX, LTX, Mochi, HunyuanVideo 1.5's ByT5) with deterministic weights."""
     from transformers import T5Config, T5EncoderModel

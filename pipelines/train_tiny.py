@@ -42,7 +42,7 @@ from vidsparse.eval import procedural
 from .flow_x0 import FlowMatchEulerX0Scheduler
 from .pixel_vae import PixelShuffleVAE
 from .positions import PositionalPatchEmbedding, add_absolute_positions, write_marker
-from .text import build_umt5_encoder, build_word_tokenizer
+from .text import attend_to_neighbouring_words, build_umt5_encoder, build_word_tokenizer
 
 #: What the transformer can be trained to output (see :class:`TrainConfig`).
 PREDICTIONS = ("x0", "velocity")
@@ -105,6 +105,8 @@ class TrainConfig:
         placement: Where shapes start (:data:`~vidsparse.eval.procedural.PLACEMENTS`).
         init_from: ``None``, or a training run folder whose EMA weights (and text side) start this run: fine-tuning
             a finished run with another curriculum (a finished run cannot be extended past its decay).
+        new_text_encoder: With ``init_from``: build a fresh text side (:func:`build_untrained_pipeline`'s) instead
+            of copying that run's, to move a model trained on an older text encoder onto the current one.
         absolute_positions: Add fixed absolute position features after the patch embedding
             (:mod:`~vidsparse.pipelines.positions`; needed for canonical placement, which RoPE alone cannot express).
         backgrounds: Background kinds drawn uniformly (a repeated kind is drawn more often).
@@ -130,6 +132,7 @@ class TrainConfig:
     placement: str = "canonical"
     absolute_positions: bool = True
     init_from: str | None = None
+    new_text_encoder: bool = False
     backgrounds: tuple[str, ...] = ("plain", "gradient")
     pan_probability: float = 0.15
     seed: int = 0
@@ -189,6 +192,7 @@ class TrainConfig:
         data.setdefault("placement", "random")  # runs saved before these options existed: random starts, RoPE only
         data.setdefault("absolute_positions", False)
         data.setdefault("init_from", None)
+        data.setdefault("new_text_encoder", False)
         return cls(**data)
 
 
@@ -224,7 +228,8 @@ def build_untrained_pipeline(
         seed: Seeds the transformer's initial weights.
         text_dir: A folder with ``tokenizer/`` and ``text_encoder/`` saved by a training run: load them from there
             (a run's text side must never change, and a library update could change how a seed initialises it).
-            ``None`` builds them in memory (:func:`~vidsparse.pipelines.text.build_umt5_encoder`).
+            ``None`` builds them in memory (:func:`~vidsparse.pipelines.text.build_umt5_encoder`, with
+            :func:`~vidsparse.pipelines.text.attend_to_neighbouring_words` so that word order is encoded).
         prediction: ``"x0"`` or ``"velocity"``: picks the scheduler that matches the transformer's output.
         absolute_positions: Add :mod:`~vidsparse.pipelines.positions` features to the patch embedding.
 
@@ -242,6 +247,7 @@ def build_untrained_pipeline(
     else:
         tokenizer = build_word_tokenizer(model_max_length=PIPELINE_TEXT_LENGTH)
         text_encoder = build_umt5_encoder(len(tokenizer), TEXT_DIM, seed=TEXT_ENCODER_SEED)
+        attend_to_neighbouring_words(text_encoder)
     mean, std = data_statistics()
     z_dim = 3 * VAE_TEMPORAL * VAE_SPATIAL**2
     vae = PixelShuffleVAE(
@@ -420,7 +426,7 @@ def train(
     torch.set_num_threads(config.threads)
 
     text_dir = out / "text"
-    if config.init_from is not None and not text_dir.exists():
+    if config.init_from is not None and not config.new_text_encoder and not text_dir.exists():
         shutil.copytree(Path(config.init_from) / "text", text_dir)  # the fine-tuned weights expect that text side
     pipe = build_untrained_pipeline(
         config.seed,

@@ -58,6 +58,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--init-from", metavar="RUN_DIR", default=None, help="new runs: start from this run's EMA weights (fine-tune)"
     )
+    p.add_argument(
+        "--new-text-encoder",
+        action="store_true",
+        help="new runs with --init-from: build the current text encoder instead of copying that run's",
+    )
     p.add_argument("--export", metavar="DIR", default=None, help="write the EMA weights as a pipeline folder to DIR")
     p.set_defaults(func=run)
 
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup_steps": args.warmup_steps,
         "decay_steps": args.decay_steps,
         "init_from": args.init_from,
+        "new_text_encoder": args.new_text_encoder or None,
     }
     overrides = {k: v for k, v in (("phases", args.phases), *new_run_options.items()) if v is not None}
     saved = Path(args.run_dir) / "config.json"
