@@ -10,7 +10,7 @@ density), the fastest exact way to skip work is to hand the dense SDPA kernel on
 3. the outputs are scattered back with one ``index_copy_``.
 
 Query blocks whose key list no other block shares (radial's bands, draft's and cached's per-block choices) would
-each be a 128-query call, and the CPU SDPA kernel runs those at about 0.8 of its rate on long sequences. So (on the
+each be a 128-query call, and the CPU SDPA kernel runs those at 0.8-0.9 of its rate on long sequences. So (on the
 CPU, ``split``) aligned windows of 8, 4 and 2 neighbouring such blocks are first computed as one long-query call
 against the key blocks they all keep, and what is left of each block's list as a short call whose result is merged
 with the window's by log-sum-exp (:func:`merge_partials`). Measured with ``vidsparse bench attention`` at 32 760
@@ -42,9 +42,9 @@ from vidsparse.plan import BlockPlan
 DEFAULT_CHUNK_TOKENS = 1 << 15
 #: Windows of consecutive query blocks tried, largest first, for a shared-key call (see :func:`gather_schedule`).
 SPLIT_WINDOWS = (8, 4, 2)
-#: Share of a window's kept (query block, key block) pairs its shared keys must cover for the split to be used.
-#: Measured on radial at 14k/32k tokens: windows of 4-8 blocks share 66-72 % of their pairs, and moving that part
-#: from 128-query calls to 512-1024-query calls took the SDPA time from 0.75 to about 1.0 of dense x density.
+#: Share of a window's not yet covered (query block, key block) pairs its shared keys must cover for the split to
+#: be used. Low, because what a window leaves goes to the next, smaller window: on radial and draft plans (14k/32k
+#: tokens) thresholds 0.15-0.45 measured within noise of each other, 0.6 was slower on radial.
 MIN_COMMON_SHARE = 0.3
 
 

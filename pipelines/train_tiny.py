@@ -4,7 +4,8 @@ What is trained: a small ``WanTransformer3DModel`` with rectified-flow matching 
 ``ε - x0``: exactly what ``WanPipeline`` with ``FlowMatchEulerDiscreteScheduler`` integrates). Everything else is
 fixed: the "VAE" is the parameter-free :class:`~vidsparse.pipelines.pixel_vae.PixelShuffleVAE`, and the text
 encoder is a small ``UMT5EncoderModel`` built from a seed and frozen (its random embeddings are distinct per word,
-which is all the transformer needs to learn colours, shapes, motions and backgrounds from the captions).
+and :func:`~vidsparse.pipelines.text.attend_to_neighbouring_words` makes its first layer encode word order, so that
+the transformer can tell the shape's colour from the background's).
 
 The data are drawn on the fly from :mod:`vidsparse.eval.procedural`; clip ``i`` of step ``s`` is seeded by
 ``(seed, s, i)``, so a resumed run sees the same data as an uninterrupted one. Training runs in phases of growing
