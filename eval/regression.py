@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidsparse import apply, make_config, method_names
+from vidsparse import apply, method_names
 from vidsparse.config import SparseConfig
-from vidsparse.methods import get_method
+from vidsparse.methods import get_method, parse_method_spec
 
 from .metrics import psnr
 
@@ -39,8 +39,15 @@ def density_methods() -> list[str]:
 
 
 def config_at_density(method: str, density: float) -> SparseConfig:
-    """The config of ``method`` (one of :func:`density_methods`) at ``density``, with :data:`DENSITY_SETTINGS`."""
-    return make_config(method, density=density, **DENSITY_SETTINGS.get(method, {}))
+    """The config of ``method`` at ``density``, with :data:`DENSITY_SETTINGS`.
+
+    ``method`` is a name (one of :func:`density_methods`) or a CLI spec ``"name:opt=value,..."`` whose options win
+    over both (``"cached:search_rows=none"``).
+    """
+    name, _, options = method.partition(":")
+    settings = {"density": density, **DENSITY_SETTINGS.get(name, {})}
+    defaults = ",".join(f"{key}={value}" for key, value in settings.items())
+    return parse_method_spec(f"{name}:{defaults},{options}")  # later options override earlier ones
 
 
 def render(pipe, *, seed: int = 0, prompt: str = PROMPT, **geometry: Any) -> np.ndarray:
@@ -62,7 +69,7 @@ def method_psnrs(
     Args:
         pipe: A pipeline ``vidsparse.apply`` supports.
         density: Target density for methods that take one.
-        methods: Method names (default: :func:`density_methods`).
+        methods: Method names or specs (default: :func:`density_methods`).
         seed: Seed of the initial noise (shared by all renders).
         **geometry: ``num_frames``, ``height``, ``width``, ``num_inference_steps``, ``guidance_scale``.
 
@@ -100,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of each render")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=1, help="repeat over seeds 0..N-1")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, metavar="SPEC", help="method names or specs (default: every method)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     pipe = load_pipeline()
     geometry = {**DEFAULT_GEOMETRY, "num_inference_steps": args.steps}
     for seed in range(args.seeds):
-        for row in method_psnrs(pipe, density=args.density, seed=seed, **geometry):
+        for row in method_psnrs(pipe, density=args.density, methods=args.methods, seed=seed, **geometry):
             print(json.dumps({"seed": seed, "steps": args.steps, **row}))
     return 0
 

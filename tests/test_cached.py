@@ -15,6 +15,7 @@ from vidsparse.methods.cached import (
     kept_recall,
     pack_bits,
     refresh_schedule,
+    scored_rows,
     select_blocks,
     unpack_bits,
     video_qk,
@@ -33,6 +34,7 @@ def test_config_defaults_and_parsing():
     parsed = parse_method_spec("cached:refresh_steps=3/0.5,tile=1/8/8,recall=0.9,density=none,storage=bits")
     assert parsed.refresh_steps == (3, 0.5) and parsed.tile == (1, 8, 8) and parsed.recall == 0.9
     assert parsed.density is None and parsed.storage == "bits"
+    assert cfg.search_rows == 16 and parse_method_spec("cached:search_rows=none").search_rows is None
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,7 @@ def test_config_defaults_and_parsing():
         ({"refresh_steps": (3, -1)}, "refresh_steps=-1"),
         ({"refresh_steps": (1.5,)}, "refresh_steps=1.5"),
         ({"storage": "zip"}, "storage='zip'"),
+        ({"search_rows": 0}, "search_rows=0"),
         ({"tile": (1, 0, 8)}, "tile h=0"),
         ({"tile": (1, 8)}, "tile=\\(1, 8\\)"),
         ({"head_adaptive": "yes"}, "head_adaptive='yes'"),
@@ -62,6 +65,8 @@ def test_refresh_schedule():
     assert refresh_schedule(CachedConfig(dense_steps=0.2), 50) == (30,)
     assert refresh_schedule(CachedConfig(dense_steps=2, dense_last_steps=2), 10) == (5,)
     assert refresh_schedule(CachedConfig(), None) == ()  # midway needs the step count
+    assert refresh_schedule(CachedConfig(dense_steps=1), 5) == (3,)
+    assert refresh_schedule(CachedConfig(dense_steps=1), 4) == ()  # "midway" = 2 would re-search after one step
     assert refresh_schedule(CachedConfig(refresh_steps=(4, 0.8)), 10) == (4, 8)
     assert refresh_schedule(CachedConfig(refresh_steps="never"), 10) == ()
 
@@ -88,6 +93,43 @@ def test_block_mass_is_exact_with_chunking(n):
         assert mass.shape == (2, 3, num_blocks(n, 64), num_blocks(n, 64))
         torch.testing.assert_close(mass, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mass.sum(-1), torch.ones(2, 3, num_blocks(n, 64)), atol=1e-5, rtol=0)
+
+
+def test_scored_rows_are_evenly_spaced_and_cover_a_partial_last_block():
+    rows = scored_rows(200, 64, 4, torch.device("cpu"))  # blocks at 0, 64, 128 and a partial one at 192..199
+    assert rows.tolist() == [8, 24, 40, 56, 72, 88, 104, 120, 136, 152, 168, 184, 192]
+    assert scored_rows(200, 64, 64, torch.device("cpu")) is None and scored_rows(200, 64, None, "cpu") is None
+
+
+@pytest.mark.parametrize("n", [63, 200])
+def test_sampled_mass_is_the_mean_of_the_scored_rows_exact_softmax(n):
+    gen = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(2, 3, n, 8, generator=gen) * 2 for _ in range(2))
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8**0.5, -1)
+    onehot = torch.nn.functional.one_hot(torch.arange(n) // 64).double()  # [N, Nb]
+    per_row = probs @ onehot  # [B, H, N, Nb]
+    rows = scored_rows(n, 64, 4, torch.device("cpu"))
+    expected = torch.stack([per_row[..., rows[rows // 64 == i], :].mean(-2) for i in range(num_blocks(n, 64))], -2)
+    for max_elements in (1, 1 << 22):
+        mass = block_attention_mass(q, k, 64, rows_per_block=4, max_elements=max_elements)
+        torch.testing.assert_close(mass, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_search_keeps_nearly_the_exact_search_recall():
+    """On local attention (the structure video heads have), 16 of 64 rows per block find blocks of the same mass."""
+    gen = torch.Generator().manual_seed(0)  # a 4 x 16 x 16 grid: 1024 tokens, 16 blocks of 64
+    t, y, x = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) for s in (4, 16, 16)), indexing="ij")
+    p = torch.stack([t, y / 2, x / 2], -1).reshape(1, 1, -1, 3).expand(1, 2, -1, -1)
+    # q.k = p_q.p_k - |p_k|^2 / 2 = -|p_q - p_k|^2 / 2 + (a constant per query): a Gaussian window, plus noise.
+    q = torch.cat([p, torch.ones_like(p[..., :1]), torch.randn(1, 2, 1024, 4, generator=gen)], -1) * 8**0.25
+    k = torch.cat([p, -p.square().sum(-1, keepdim=True) / 2, torch.randn(1, 2, 1024, 4, generator=gen)], -1) * 8**0.25
+    exact = block_attention_mass(q, k, 64)
+    for rows in (16, 4):
+        sampled = block_attention_mass(q, k, 64, rows_per_block=rows)
+        recall_exact = kept_recall(select_blocks(exact, density=0.25), exact)
+        recall_sampled = kept_recall(select_blocks(sampled, density=0.25), exact)
+        assert (recall_sampled >= recall_exact - 0.02).all() and (recall_sampled <= recall_exact + 1e-6).all()
+    assert not torch.allclose(block_attention_mass(q, k, 64, rows_per_block=4), exact, atol=1e-3)  # an estimate
 
 
 def random_mass(b, h, nb, seed, sharpness=3.0):
@@ -202,7 +244,8 @@ def test_full_density_is_dense_attention():
 def test_recall_plan_keeps_the_target_recall():
     layout = VideoLayout(4, 8, 16)  # 512 tokens, 8 blocks
     q, k, _ = _inputs(layout, heads=3)
-    plan = build_plan(CachedConfig(recall=0.8, density=None, dense_steps=0), q, k, layout, PlanContext())
+    cfg = CachedConfig(recall=0.8, density=None, dense_steps=0, search_rows=None)  # exact search
+    plan = build_plan(cfg, q, k, layout, PlanContext())
     mass = block_attention_mass(*video_qk(q, k, layout, None), 64)
     assert (kept_recall(plan.block_mask(), mass) >= 0.8 - 1e-5).all()
     assert plan.meta["search_recall"] >= 0.8
@@ -360,11 +403,12 @@ def test_pipeline_reuse_refresh_reset_and_density(pipe):
         snapshots.clear()
         _generate(pipe, 3, snapshots)
         assert snapshots[0]["stores"] == {}  # step 0 of the new generation: dense, nothing kept yet
-        assert snapshots[-1]["stores"][(0, 0, "cond")]["search_log"] == [(1, "cond", "first"), (2, "cond", "refresh")]
+        assert snapshots[-1]["stores"][(0, 0, "cond")]["search_log"] == [(1, "cond", "first")]  # too short to refresh
 
 
 def test_pipeline_shared_contexts(pipe):
-    with vidsparse.apply(pipe, "cached", density=0.25, dense_steps=1, share_contexts=True, backend=BACKEND) as handle:
+    options = {"density": 0.25, "dense_steps": 1, "refresh_steps": (2,), "share_contexts": True, "backend": BACKEND}
+    with vidsparse.apply(pipe, "cached", **options) as handle:
         snapshots = []
         _generate(pipe, 4, snapshots)
         assert handle.runtime.shared_stores == {}  # reset at the end of the generation, like the per-context stores
