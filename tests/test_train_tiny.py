@@ -137,3 +137,23 @@ def test_fine_tune_can_switch_to_a_new_text_encoder(tmp_path):
     config = T.TrainConfig(phases=(T.Phase(1, 1, 1),), init_from=str(tmp_path / "a"), new_text_encoder=True, **small)
     T.train(tmp_path / "b", config)
     assert (tmp_path / "b" / "text" / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_pure_noise_fraction_trains_that_share_of_samples_at_sigma_one():
+    timesteps = []
+
+    def transformer(noisy, timestep, context, return_dict=False):
+        timesteps.append(timestep.clone())
+        return (torch.zeros_like(noisy),)
+
+    latents = torch.randn(256, 2, 1, 2, 2)
+    T.flow_matching_loss(transformer, latents, None, torch.Generator().manual_seed(0), 5.0, "x0", 0.25)
+    T.flow_matching_loss(transformer, latents, None, torch.Generator().manual_seed(0), 5.0, "x0")
+    with_pure, without = timesteps
+    pure = with_pure == 1000.0
+    assert 0.15 < pure.float().mean() < 0.35
+    assert (without < 1000.0).all()
+    # The other samples keep their sigma: a run without the option keeps its random stream (and its resumes).
+    assert torch.equal(with_pure[~pure], without[~pure])
+    with pytest.raises(ValueError, match="pure_noise_fraction=1.0"):
+        T.TrainConfig(pure_noise_fraction=1.0)

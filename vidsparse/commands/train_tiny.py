@@ -63,6 +63,12 @@ def register(subparsers) -> None:
         action="store_true",
         help="new runs with --init-from: build the current text encoder instead of copying that run's",
     )
+    p.add_argument(
+        "--pure-noise-fraction",
+        type=float,
+        default=None,
+        help="new runs: fraction of samples trained at sigma=1 (pure noise: teaches where the caption puts things)",
+    )
     p.add_argument("--export", metavar="DIR", default=None, help="write the EMA weights as a pipeline folder to DIR")
     p.set_defaults(func=run)
 
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "decay_steps": args.decay_steps,
         "init_from": args.init_from,
         "new_text_encoder": args.new_text_encoder or None,
+        "pure_noise_fraction": args.pure_noise_fraction,
     }
     overrides = {k: v for k, v in (("phases", args.phases), *new_run_options.items()) if v is not None}
     saved = Path(args.run_dir) / "config.json"
