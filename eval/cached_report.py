@@ -55,9 +55,14 @@ def drift_rows(
     head_dim: int = 64,
     seed: int = 0,
     backend: str = "auto",
+    search_rows: int | None = CachedConfig.search_rows,
 ) -> list[dict[str, Any]]:
-    """Reused vs fresh patterns over ``steps`` steps of drifting q/k; one row per (step, selection, kind)."""
-    configs = [CachedConfig(dense_steps=0, refresh_steps="never", **sel) for sel in selections]
+    """Reused vs fresh patterns over ``steps`` steps of drifting q/k; one row per (step, selection, kind).
+
+    ``search_rows``: the method's option (query rows per block its search scores; ``None``: every row). The recall
+    of each row is measured against the step's exact block masses either way.
+    """
+    configs = [CachedConfig(dense_steps=0, refresh_steps="never", search_rows=search_rows, **sel) for sel in selections]
     reuse_stores: list[dict[str, Any]] = [{} for _ in configs]
     rows = []
     for step in range(search_step, steps):
@@ -178,6 +183,15 @@ def _grid(text: str) -> tuple[int, int, int]:
     return values
 
 
+def _rows(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a row count or 'none'") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vidsparse.eval.cached_report drift|memory ...``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -190,6 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--head-dim", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--backend", default="auto")
+    d.add_argument(
+        "--search-rows",
+        type=_rows,
+        default=CachedConfig.search_rows,
+        help="query rows per block the search scores, or 'none' for every row (default: the method's)",
+    )
     d.add_argument("--json", help="write the rows here")
     m = sub.add_parser("memory", help="bytes of a cached pattern")
     m.add_argument("--geometry", type=_grid, default=(21, 45, 80))
@@ -208,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             head_dim=args.head_dim,
             seed=args.seed,
             backend=args.backend,
+            search_rows=args.search_rows,
         )
         print(format_drift_table(rows))
         result: Any = {"rows": rows}

@@ -294,7 +294,7 @@ def select_blocks(
     head_adaptive: bool = False,
     adaptive_recall: float = 0.9,
 ) -> torch.Tensor:
-    """Choose the key blocks of every query block from exact block masses.
+    """Choose the key blocks of every query block from block masses (exact, or estimated from sampled rows).
 
     Each query block's own block is always ranked first (every plan keeps it), so it counts in the budget.
 
