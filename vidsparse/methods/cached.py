@@ -209,8 +209,8 @@ def block_attention_mass(
     AdaSpa's LSE-reuse trick saves nothing here). With ``rows_per_block=r`` only ``r`` evenly spaced query rows of
     each block are scored (their softmax is still exact over all keys) and a block's mass is their mean: the cost
     falls by ``block_size / r``, the result is an estimate of the exact mass. Vectorised over the heads of a chunk;
-    the scores are exponentiated in place and summed per key block before anything else is read, so each score is
-    written once and read twice. Cost (exact): about one dense attention on a CPU.
+    the scores are exponentiated in place and summed per key block, and the softmax's normaliser comes from those
+    block sums: no probability tensor is made. Cost (exact): about one dense attention on a CPU.
 
     Args:
         q, k: ``[B, H, N, D]``, tokens in the order the blocks are cut (any float dtype; computed in float32).
