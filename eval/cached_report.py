@@ -26,7 +26,7 @@ import torch
 
 from vidsparse.kernels import block_sparse_attention
 from vidsparse.layout import VideoLayout
-from vidsparse.methods import PlanContext
+from vidsparse.methods import PlanContext, parse_method_spec
 from vidsparse.methods.cached import CachedConfig, CachedPattern, block_attention_mass, kept_recall, video_qk
 from vidsparse.plan import BlockPlan, num_blocks
 
@@ -183,13 +183,12 @@ def _grid(text: str) -> tuple[int, int, int]:
     return values
 
 
-def _rows(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
+def _search_rows(text: str) -> int | None:
+    """``--search-rows`` in the method-spec syntax ("16", "none"), validated by :class:`CachedConfig` itself."""
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a row count or 'none'") from None
+        return parse_method_spec(f"cached:search_rows={text}").search_rows
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--backend", default="auto")
     d.add_argument(
         "--search-rows",
-        type=_rows,
+        type=_search_rows,
         default=CachedConfig.search_rows,
         help="query rows per block the search scores, or 'none' for every row (default: the method's)",
     )
