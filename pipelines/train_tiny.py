@@ -104,8 +104,9 @@ class TrainConfig:
             what to draw). A model trained only at σ < 1 finds where the shape is in the faint signal of its input,
             so at the first sampling step (σ = 1) it places the shape wherever the noise suggests and ignores the
             words that say where it starts ("moves left" = starts at the right edge): run 12's σ = 1 prediction
-            moved with the noise seed, not with the motion word. After 11 + 6 minutes of fine-tuning at 0.25 and
-            then 0.5 (the shipped model) it puts the shape at the edge each motion word starts from.
+            moved with the noise seed, not with the motion word. Fine-tuned at 0.25 and then 0.5 for 11 + 6
+            minutes, it put the shape at the edge each motion word starts from; the shipped model was trained
+            from scratch at 0.3 and moves the shape the prompted way.
         prediction: What the transformer outputs: ``"x0"`` (the clean clip; sampled with
             :class:`~vidsparse.pipelines.flow_x0.FlowMatchEulerX0Scheduler`) or ``"velocity"`` (``ε - x0``, stock).
         max_shapes: Shapes per clip (1 to 3).
