@@ -11,11 +11,15 @@ density), the fastest exact way to skip work is to hand the dense SDPA kernel on
 
 Query blocks whose key list no other block shares (radial's bands, draft's and cached's per-block choices) would
 each be a 128-query call, and the CPU SDPA kernel runs those at 0.8-0.9 of its rate on long sequences. So (on the
-CPU, ``split``) aligned windows of 8, 4 and 2 neighbouring such blocks are first computed as one long-query call
-against the key blocks they all keep, and what is left of each block's list as a short call whose result is merged
-with the window's by log-sum-exp (:func:`merge_partials`). Measured with ``vidsparse bench attention`` at 32 760
-tokens, density 0.25, block 128, one thread: efficiency (dense / sparse x density) radial 0.70-0.76 -> 0.90-0.93,
-cached 0.67-0.68 -> 0.92-0.93, draft 0.64-0.74 -> 0.77-0.78 (its lists share little: fewer windows pay).
+CPU, ``split``) windows of 8, 4 and 2 such blocks that keep many key blocks in common are first computed as one
+long-query call against the key blocks they all keep, and what is left of each block's list as a short call whose
+result is merged with the window's by log-sum-exp (:func:`merge_partials`). Measured with ``vidsparse bench
+attention`` at 32 760 tokens, density 0.25, block 128, one thread: efficiency (dense / sparse x density) radial
+0.70-0.76 -> 0.90-0.93, cached 0.67-0.68 -> 0.92-0.93, draft 0.64-0.74 -> 0.77-0.78 with windows of neighbouring
+blocks. Draft's blocks choose their keys by content, so neighbours share a fifth of them while blocks elsewhere in
+the head share far more: windows built by matching blocks on shared keys (:func:`_similar_windows`) move the work
+draft computes in 128-query calls from 0.74 to 0.33 of its pairs (radial's windows come out the same as the
+neighbouring ones).
 
 The bucketing (which rows go where) depends only on the plan, so it is computed once per plan and batch/head shape
 and cached on the plan: a static plan (radial, window) pays for it once, a dynamic one once per new plan. Rows
@@ -54,8 +58,8 @@ class GatherBucket:
 
     A *group* is a set of query blocks of one (batch, head) computed as one query sequence against one gathered key
     sequence. It is either a set of blocks that keep exactly the same key blocks (window-like plans share lists
-    between all the blocks of a frame; a dense plan is one group), or a window of neighbouring blocks against the
-    key blocks they *all* keep (their shared part), or one block against the rest of its list (its residual part,
+    between all the blocks of a frame; a dense plan is one group), or a window of blocks against the key blocks
+    they *all* keep (their shared part), or one block against the rest of its list (its residual part,
     ``merge=True``: merged by log-sum-exp into the shared part's result). A bucket holds the groups with the same
     number of query blocks ``m`` and key blocks ``n`` (and the same tail handling), so they stack into one batch.
 
@@ -78,10 +82,11 @@ def gather_schedule(plan: BlockPlan, batch: int, heads: int, *, split: bool = Tr
 
     Query blocks that keep the same key list form one group. The others would each be a 128-query SDPA call, which
     the CPU kernel runs at 0.8-0.9 of its rate on long sequences (measured at 14k-32k tokens). With
-    ``split``, aligned windows of up to :data:`SPLIT_WINDOWS` such blocks (of one batch and head) are tried: when
-    the key blocks they all keep cover at least :data:`MIN_COMMON_SHARE` of their kept pairs, the window is one
-    long-query call against those shared keys, and each block's remaining keys a short call merged by LSE (exact:
-    the two key sets are disjoint and cover the block's list). Windows of 4 and 2 then try the same on what is left.
+    ``split``, windows of up to :data:`SPLIT_WINDOWS` such blocks (of one batch and head, matched on the key blocks
+    they share: :func:`_similar_windows`) are tried: when the key blocks they all keep cover at least
+    :data:`MIN_COMMON_SHARE` of their kept pairs, the window is one long-query call against those shared keys, and
+    each block's remaining keys a short call merged by LSE (exact: the two key sets are disjoint and cover the
+    block's list). Windows of 4 and 2 (inside those of 8) then try the same on what is left.
     A row's first call writes its result and later ones merge into it; the buckets come in that order.
 
     Computed with a few host synchronisations per (plan, batch, heads, split): bucket sizes must be known to slice
@@ -110,14 +115,13 @@ def gather_schedule(plan: BlockPlan, batch: int, heads: int, *, split: bool = Tr
     remaining = keeps.clone()  # key blocks of each row not yet covered by a shared call
     has_partial = torch.zeros(rows, dtype=torch.bool, device=dev)
     if split:
-        block_in_head = torch.arange(rows, device=dev) % qb
         candidates = alone.nonzero().squeeze(1)
+        windows = _similar_windows(keeps, alone, batch * heads, qb) if candidates.numel() >= 2 else {}
         for width in SPLIT_WINDOWS if candidates.numel() >= 2 else ():
-            # Aligned windows nest (a window of 4 lies inside one of 8), so all members of a window either hold a
-            # partial result from a larger window (their call merges) or none do (it writes).
-            windows_per_head = -(-qb // width)
-            window = head_of_row[candidates] * windows_per_head + block_in_head[candidates] // width
-            num_windows = batch * heads * windows_per_head
+            # Windows nest (a window of 4 lies inside one of 8), so all members of a window either hold a partial
+            # result from a larger window (their call merges) or none do (it writes).
+            window = windows[width][candidates]
+            num_windows = rows
             count = torch.bincount(window, minlength=num_windows)
             kept_by = torch.zeros(num_windows, qb, dtype=torch.int32, device=dev)
             kept_by.index_add_(0, window, remaining[candidates].int())
@@ -149,6 +153,59 @@ def gather_schedule(plan: BlockPlan, batch: int, heads: int, *, split: bool = Tr
         buckets += _bucketize(plan, rest, torch.arange(rest.numel(), device=dev), remaining[rest], merge=True)
     cache[cache_key] = buckets
     return buckets
+
+
+def _similar_windows(keeps: torch.Tensor, candidate: torch.Tensor, heads: int, qb: int) -> dict[int, torch.Tensor]:
+    """Nested windows of query blocks that keep many key blocks in common, for each width of :data:`SPLIT_WINDOWS`.
+
+    Neighbouring blocks are not always the ones that share most: draft's and cached's per-block choices follow the
+    content, so two blocks far apart in the sequence may keep nearly the same key blocks while neighbours share a
+    fifth. So windows are built bottom-up by matching: first candidate blocks are paired, each with the block of its
+    (batch, head) it shares the most key blocks with (rounds of mutual best matches: greedy, exact ties resolved by
+    index), then pairs are paired by the key blocks both pairs keep, then quads. A block no partner shares anything
+    with stays alone (a window of one, never split).
+
+    Args:
+        keeps: bool ``[heads * qb, qb]``: the key blocks each query block row keeps.
+        candidate: bool ``[heads * qb]``: rows that may join a window (the others never do).
+        heads: ``batch * heads`` of the rows.
+        qb: Query blocks per (batch, head).
+
+    Returns:
+        ``{width: int64 [heads * qb]}``: each row's window id (a row index of its window's first member) at that
+        width; windows of a smaller width lie inside those of a larger one.
+    """
+    dev = keeps.device
+    index = torch.arange(qb, device=dev)
+    shared_sets = keeps.view(heads, qb, qb).float()  # key blocks every member of a window keeps, at its leader
+    leader = index.expand(heads, qb).clone()  # the window of each row, by its leader (a row of its head)
+    size = candidate.view(heads, qb).long()  # members of each leader's window; 0: not a leader / not a candidate
+    windows = {}
+    for width in sorted(SPLIT_WINDOWS):
+        # Matrix products count shared key blocks exactly in float32 (counts << 2^24).
+        overlap = torch.bmm(shared_sets, shared_sets.transpose(1, 2))
+        open_ = (size > 0) & (size <= width // 2)
+        pairable = open_[:, :, None] & open_[:, None, :] & (index[:, None] != index[None, :])
+        overlap = overlap.masked_fill(~pairable, -1.0)
+        while True:
+            best_shared, best = overlap.max(dim=2)
+            # i and j are each other's best partner: matching them cannot take a better partner from anyone.
+            mutual = (best_shared > 0) & (best.gather(1, best) == index) & (index < best)
+            if not bool(mutual.any()):
+                break
+            head, first = mutual.nonzero(as_tuple=True)
+            second = best[head, first]
+            shared_sets[head, first] *= shared_sets[head, second]
+            size[head, first] += size[head, second]
+            size[head, second] = 0
+            relabel = index.expand(heads, qb).clone()
+            relabel[head, second] = first
+            leader = relabel.gather(1, leader)
+            for rows in (first, second):  # matched windows leave this width's pool
+                overlap[head, rows, :] = -1.0
+                overlap[head, :, rows] = -1.0
+        windows[width] = (leader + (torch.arange(heads, device=dev) * qb)[:, None]).reshape(-1)
+    return windows
 
 
 def _bucketize(
@@ -280,7 +337,7 @@ def gather_block_sparse_attention(
         causal_groups: Optional int ``[B or 1, S]`` in plan order: a query sees a key only when the key's group is
             not greater than its own.
         chunk_tokens: Gathered key tokens per SDPA call (memory bound: ``2 * chunk_tokens * D`` elements).
-        split: Compute windows of neighbouring query blocks against their shared keys in long calls and merge the
+        split: Compute windows of query blocks against their shared keys in long calls and merge the
             rest by LSE (:func:`gather_schedule`); default: on the CPU, where short-query SDPA calls are slow.
 
     Returns:

@@ -205,3 +205,31 @@ def test_merge_partials_is_attention_over_the_union():
     none = torch.full((3, 5), float("-inf"))  # a query that saw no key in either part: zeros, as the reference
     out, lse = merge_partials(torch.zeros(3, 5, 8), none, torch.zeros(3, 5, 8), none)
     assert torch.equal(out, torch.zeros(3, 5, 8)) and torch.isinf(lse).all()
+
+
+def test_similar_windows_pair_blocks_by_shared_keys():
+    """Windows are built from the blocks that share the most key blocks, wherever they are in the sequence; they
+    nest (2 inside 4 inside 8), never mix (batch, head) rows, and leave out non-candidates and blocks that share
+    nothing."""
+    from vidsparse.kernels.gather import _similar_windows
+
+    qb, heads = 8, 2
+    keeps = torch.zeros(heads * qb, qb, dtype=torch.bool)
+    # Head 0: blocks 0 and 5 keep {0, 1, 2}, blocks 1 and 6 keep {3, 4, 5}; 2 and 3 keep {6} and {7} (share nothing).
+    for row, cols in {0: [0, 1, 2], 5: [0, 1, 2, 7], 1: [3, 4, 5], 6: [3, 4, 5, 6], 2: [6], 3: [7], 4: [0, 3]}.items():
+        keeps[row, cols] = True
+    keeps[7, [1, 4]] = True
+    keeps[qb:] = keeps[:qb]  # head 1: the same lists, but block 5 is not a candidate
+    candidate = torch.ones(heads * qb, dtype=torch.bool)
+    candidate[qb + 5] = False
+    windows = _similar_windows(keeps, candidate, heads, qb)
+    pairs = windows[2]
+    assert pairs[0] == pairs[5] and pairs[1] == pairs[6]  # best partners, far apart
+    assert pairs[0] != pairs[1] and pairs[2] != pairs[3]
+    assert pairs[qb + 1] == pairs[qb + 6] and pairs[qb + 0] != pairs[qb + 5]  # a non-candidate joins nothing
+    assert bool((windows[2] // qb == torch.arange(heads * qb) // qb).all())  # ids stay in their head's rows
+    for small, large in ((2, 4), (4, 8)):
+        for row in range(heads * qb):  # members of one small window share their large window
+            same = windows[small] == windows[small][row]
+            assert bool((windows[large][same] == windows[large][row]).all())
+    assert int(torch.bincount(windows[8][:qb]).max()) <= 8
