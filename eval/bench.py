@@ -52,6 +52,24 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmu
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Median wall time (ms) of each function, timed in ``repeats`` rounds that call every function once, in order.
+
+    On a shared machine the load drifts over seconds; timing A three times and then B three times lets a burst of
+    load fall on one of them only, and the ratio A/B moves with it. Interleaved rounds spread any drift over all the
+    functions alike, so their ratios hold. No warm-up here: call each function once before.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, device and machine load for a benchmark report (the eval runs' record plus the load average)."""
     from .results import environment as run_environment
@@ -76,32 +94,37 @@ def _bench_layout(
     """Rows of :func:`bench_attention` for one geometry (inputs already built)."""
     backend_name = resolve_backend(backend, device)
     rows = []
-    dense_ms = time_ms(lambda: dense_sdpa(q, k, v), device, repeats)
+    dense_sdpa(q, k, v)  # warm-up
     for config in configs:
         ctx = PlanContext(layer=0, step=0)
         start = time.perf_counter()
         plan = build_plan(config, q, k, layout, ctx)
         synchronize(device)
         plan_first_ms = (time.perf_counter() - start) * 1000
-        plan_ms = time_ms(lambda cfg=config, c=ctx: build_plan(cfg, q, k, layout, c), device, repeats, 0)
         start = time.perf_counter()
         block_sparse_attention(q, k, v, plan, backend=backend)  # compiles a new shape
         synchronize(device)
         compile_s = time.perf_counter() - start
         if get_method(config.method).static:
-            attn_ms = time_ms(lambda p=plan: block_sparse_attention(q, k, v, p, backend=backend), device, repeats)
+            attend = lambda p=plan: block_sparse_attention(q, k, v, p, backend=backend)  # noqa: E731
         else:
             # A dynamic method makes a new plan every call: time the executor on a fresh copy each time, so work it
             # caches per plan object (the gather executor's schedule) is charged, as in a real run.
-            attn_ms = time_ms(
-                lambda p=plan: block_sparse_attention(q, k, v, fresh_copy(p), backend=backend), device, repeats
-            )
-        # A second dense timing right after: the ratio uses the mean of the two, so drift in machine load during the
-        # sparse timings does not bias it.
-        dense_after = time_ms(lambda: dense_sdpa(q, k, v), device, repeats, 0)
-        dense_pair = (dense_ms + dense_after) / 2
+            attend = lambda p=plan: block_sparse_attention(q, k, v, fresh_copy(p), backend=backend)  # noqa: E731
+        attend()  # warm-up of the timed path
+        # Dense, planning and sparse attention timed in interleaved rounds, so load drift hits all three alike.
+        medians = time_interleaved(
+            {
+                "dense": lambda: dense_sdpa(q, k, v),
+                "plan": lambda cfg=config, c=ctx: build_plan(cfg, q, k, layout, c),
+                "attn": attend,
+            },
+            device,
+            repeats,
+        )
+        dense_ms, plan_ms, attn_ms = medians["dense"], medians["plan"], medians["attn"]
         density = plan.density()
-        speedup = dense_pair / (plan_ms + attn_ms)
+        speedup = dense_ms / (plan_ms + attn_ms)
         rows.append(
             {
                 "method": config.method,
@@ -113,7 +136,7 @@ def _bench_layout(
                 "heads": q.shape[2],
                 "head_dim": q.shape[3],
                 "density": density,
-                "dense_ms": dense_pair,
+                "dense_ms": dense_ms,
                 "plan_ms": plan_ms,
                 "plan_first_ms": plan_first_ms,
                 "attn_ms": attn_ms,
@@ -123,10 +146,9 @@ def _bench_layout(
                 "efficiency": speedup * density,
             }
         )
-        dense_ms = dense_after
         if progress:
             progress(
-                f"{config.method:8s} {layout.seq_len:6d} tok  density {density:.3f}  dense {dense_pair:8.1f} ms"
+                f"{config.method:8s} {layout.seq_len:6d} tok  density {density:.3f}  dense {dense_ms:8.1f} ms"
                 f"  plan {plan_ms:7.2f} ms  sparse {attn_ms:8.1f} ms  speed-up {speedup:5.2f}x"
                 f" (ideal {1 / density:5.2f}x, efficiency {speedup * density:.2f})"
             )
@@ -167,7 +189,8 @@ def bench_attention(
         configs: Method configs (each with its density).
         geometries: Latent grids (T', H', W').
         heads, head_dim: Attention shape (B = 1).
-        repeats: Timed calls per measurement (median).
+        repeats: Timed rounds per config; each round times one dense call, one planning and one sparse call, in
+            that order (:func:`time_interleaved`), and each is the median over the rounds.
         device, dtype: Where and in what precision to run.
         backend: Executor for the sparse calls.
         progress: Called with one line per result (None: silent).

@@ -101,3 +101,15 @@ def test_amdahl_bound():
 def test_bad_input_is_named(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_time_interleaved_alternates_the_functions():
+    """Each round calls every function once, in order, so load drift spreads over all of them alike."""
+    import torch
+
+    from vidsparse.eval.bench import time_interleaved
+
+    calls: list[str] = []
+    medians = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"), 3)
+    assert calls == ["a", "b"] * 3
+    assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
