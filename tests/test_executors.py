@@ -233,3 +233,23 @@ def test_similar_windows_pair_blocks_by_shared_keys():
             same = windows[small] == windows[small][row]
             assert bool((windows[large][same] == windows[large][row]).all())
     assert int(torch.bincount(windows[8][:qb]).max()) <= 8
+
+
+def test_draft_plans_run_mostly_in_multi_block_calls():
+    """Draft's blocks pick their keys by content; the matched windows still put most of its kept pairs into calls of
+    two or more query blocks (position windows left 0.80 of them in single-block calls at this geometry)."""
+    from vidsparse.eval.synthetic import synthetic_qkv
+    from vidsparse.kernels.gather import gather_schedule
+    from vidsparse.layout import VideoLayout
+    from vidsparse.methods import PlanContext, build_plan, parse_method_spec
+
+    layout = VideoLayout(9, 30, 52)  # Wan 480p, 14 040 tokens
+    q, k, _ = synthetic_qkv(layout, heads=2, head_dim=64)
+    plan = build_plan(parse_method_spec("draft:density=0.25"), q, k, layout, PlanContext(layer=0, step=0))
+    pairs_by_width: dict[int, int] = {}
+    for bucket in gather_schedule(plan, 1, 2, split=True):
+        rows, width = bucket.q_blocks.shape
+        pairs_by_width[width] = pairs_by_width.get(width, 0) + rows * width * bucket.kv_blocks.shape[1]
+    single = pairs_by_width.get(1, 0) / sum(pairs_by_width.values())
+    assert single < 0.45, pairs_by_width
+    assert max(pairs_by_width) >= 4
