@@ -42,14 +42,7 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmu
     """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return time_interleaved({"fn": fn}, device, repeats)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3) -> dict[str, float]:

@@ -117,19 +117,18 @@ def gather_schedule(plan: BlockPlan, batch: int, heads: int, *, split: bool = Tr
     alone = torch.bincount(group_of_row)[group_of_row] == 1
     remaining = keeps.clone()  # key blocks of each row not yet covered by a shared call
     has_partial = torch.zeros(rows, dtype=torch.bool, device=dev)
-    if split:
-        candidates = alone.nonzero().squeeze(1)
-        windows = _similar_windows(keeps, alone, batch * heads, qb) if candidates.numel() >= 2 else {}
-        for width in SPLIT_WINDOWS if candidates.numel() >= 2 else ():
+    candidates = alone.nonzero().squeeze(1)
+    if split and candidates.numel() >= 2:
+        windows = _similar_windows(keeps, alone, batch * heads, qb)
+        for width in SPLIT_WINDOWS:
             # Windows nest (a window of 4 lies inside one of 8), so all members of a window either hold a partial
-            # result from a larger window (their call merges) or none do (it writes).
+            # result from a larger window (their call merges) or none do (it writes). Window ids are row indices.
             window = windows[width][candidates]
-            num_windows = rows
-            count = torch.bincount(window, minlength=num_windows)
-            kept_by = torch.zeros(num_windows, qb, dtype=torch.int32, device=dev)
+            count = torch.bincount(window, minlength=rows)
+            kept_by = torch.zeros(rows, qb, dtype=torch.int32, device=dev)
             kept_by.index_add_(0, window, remaining[candidates].int())
             common = (kept_by == count[:, None]) & (count[:, None] >= 2)
-            left = torch.zeros(num_windows, dtype=torch.long, device=dev)
+            left = torch.zeros(rows, dtype=torch.long, device=dev)
             left.index_add_(0, window, remaining[candidates].sum(1))
             shared = common.sum(1)
             accepted = (shared > 0) & (shared * count >= MIN_COMMON_SHARE * left)
