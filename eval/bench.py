@@ -45,12 +45,16 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmu
     return time_interleaved({"fn": fn}, device, repeats)["fn"]
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3) -> dict[str, float]:
-    """Median wall time (ms) of each function, timed in ``repeats`` rounds that call every function once, in order.
+def time_rounds(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3) -> dict[str, list[float]]:
+    """Wall times (ms) of each function in ``repeats`` rounds that call every function once, in order.
 
     On a shared machine the load drifts over seconds; timing A three times and then B three times lets a burst of
     load fall on one of them only, and the ratio A/B moves with it. Interleaved rounds spread any drift over all the
-    functions alike, so their ratios hold. No warm-up here: call each function once before.
+    functions alike, so their ratios hold, and the ratio within one round shows how much a burst moved it. No
+    warm-up here: call each function once before.
+
+    Returns:
+        ``{name: [ms of round 0, round 1, ...]}``.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -60,7 +64,12 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, re
             fn()
             synchronize(device)
             times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Median wall time (ms) of each function over the interleaved rounds of :func:`time_rounds`."""
+    return {name: statistics.median(values) for name, values in time_rounds(fns, device, repeats).items()}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -106,7 +115,7 @@ def _bench_layout(
             attend = lambda p=plan: block_sparse_attention(q, k, v, fresh_copy(p), backend=backend)  # noqa: E731
         attend()  # warm-up of the timed path
         # Dense, planning and sparse attention timed in interleaved rounds, so load drift hits all three alike.
-        medians = time_interleaved(
+        rounds = time_rounds(
             {
                 "dense": lambda: dense_sdpa(q, k, v),
                 "plan": lambda cfg=config, c=ctx: build_plan(cfg, q, k, layout, c),
@@ -115,7 +124,7 @@ def _bench_layout(
             device,
             repeats,
         )
-        dense_ms, plan_ms, attn_ms = medians["dense"], medians["plan"], medians["attn"]
+        dense_ms, plan_ms, attn_ms = (statistics.median(rounds[name]) for name in ("dense", "plan", "attn"))
         density = plan.density()
         speedup = dense_ms / (plan_ms + attn_ms)
         rows.append(
@@ -137,13 +146,19 @@ def _bench_layout(
                 "speedup": speedup,
                 "ideal": 1.0 / density,
                 "efficiency": speedup * density,
+                # Each round's own dense / (plan + sparse) x density: the spread the load put on the median above.
+                "efficiency_rounds": [
+                    dense * density / (plan_t + attn_t)
+                    for dense, plan_t, attn_t in zip(rounds["dense"], rounds["plan"], rounds["attn"], strict=True)
+                ],
             }
         )
         if progress:
             progress(
                 f"{config.method:8s} {layout.seq_len:6d} tok  density {density:.3f}  dense {dense_ms:8.1f} ms"
                 f"  plan {plan_ms:7.2f} ms  sparse {attn_ms:8.1f} ms  speed-up {speedup:5.2f}x"
-                f" (ideal {1 / density:5.2f}x, efficiency {speedup * density:.2f})"
+                f" (ideal {1 / density:5.2f}x, efficiency {speedup * density:.2f};"
+                f" rounds {min(rows[-1]['efficiency_rounds']):.2f}-{max(rows[-1]['efficiency_rounds']):.2f})"
             )
     return rows
 
@@ -190,7 +205,9 @@ def bench_attention(
 
     Returns:
         ``{"device", "torch", ..., "results": [{"method", "config", "density", "tokens", "dense_ms", "plan_ms",
-        "plan_first_ms", "attn_ms", "compile_s", "speedup", "ideal", "efficiency"}, ...]}``.
+        "plan_first_ms", "attn_ms", "compile_s", "speedup", "ideal", "efficiency", "efficiency_rounds"}, ...]}``;
+        ``efficiency`` comes from the median times, ``efficiency_rounds`` from each round's own three timings (their
+        spread is the noise of the run).
     """
     device = torch.device(device)
     results: list[dict[str, Any]] = []

@@ -42,6 +42,9 @@ def test_bench_attention_json_schema_and_ratios(tmp_path, capsys):
         assert math.isclose(r["speedup"], r["dense_ms"] / (r["plan_ms"] + r["attn_ms"]), rel_tol=1e-9)
         assert math.isclose(r["ideal"], 1 / r["density"], rel_tol=1e-9)
         assert math.isclose(r["efficiency"], r["speedup"] / r["ideal"], rel_tol=1e-9)
+        # One round: its own efficiency is the median's.
+        assert len(r["efficiency_rounds"]) == 1
+        assert math.isclose(r["efficiency_rounds"][0], r["efficiency"], rel_tol=1e-9)
         assert r["backend"] == "gather"  # auto on CPU
         assert r["config"]["block_size"] == 128
     radial = [r for r in rows if r["method"] == "radial" and r["tokens"] == 512]
@@ -113,3 +116,28 @@ def test_time_interleaved_alternates_the_functions():
     medians = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"), 3)
     assert calls == ["a", "b"] * 3
     assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
+
+
+def test_time_rounds_keeps_every_round(monkeypatch):
+    """The per-round times behind the medians, in round order (the attention bench's per-round efficiencies)."""
+    import torch
+
+    from vidsparse.eval import bench
+
+    clock = {"now": 0.0, "round": 0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+
+    def work(ms: float):
+        def run() -> None:  # a function whose cost grows by 1 ms each round: the drift interleaving spreads
+            clock["now"] += (ms + clock["round"]) / 1000
+
+        return run
+
+    def next_round() -> None:
+        clock["round"] += 1
+
+    rounds = bench.time_rounds({"a": work(3.0), "b": work(5.0), "tick": next_round}, torch.device("cpu"), 4)
+    assert [round(t, 6) for t in rounds["a"]] == [3.0, 4.0, 5.0, 6.0]
+    assert [round(t, 6) for t in rounds["b"]] == [5.0, 6.0, 7.0, 8.0]
+    medians = bench.time_interleaved({"a": work(3.0)}, torch.device("cpu"), 3)
+    assert round(medians["a"], 6) == 7.0  # rounds at 7, 7, 7 ms: the drift counter stays at 4

@@ -211,14 +211,16 @@ def attention_table(report: dict[str, Any]) -> str:
         f"device: {report['device']}, torch {report['torch']}, {report['cpu_threads']} threads, "
         f"load average {_load(report)}",
         "",
-        "| method | tokens | density | dense ms | plan ms | sparse ms | speed-up | ideal | efficiency | first call s |",
-        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| method | tokens | density | dense ms | plan ms | sparse ms | speed-up | ideal | efficiency | rounds |"
+        " first call s |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in report["results"]:
+        per_round = r.get("efficiency_rounds") or [r["efficiency"]]  # reports before the field: the median only
         lines.append(
             f"| {r['spec']} | {r['tokens']} | {r['density']:.3f} | {r['dense_ms']:.1f} | {r['plan_ms']:.2f} | "
             f"{r['attn_ms']:.1f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['efficiency']:.2f} | "
-            f"{r['compile_s']:.2f} |"
+            f"{min(per_round):.2f}-{max(per_round):.2f} | {r['compile_s']:.2f} |"
         )
     return "\n".join(lines)
 
