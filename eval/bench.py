@@ -94,7 +94,7 @@ def _bench_layout(
     progress: Callable[[str], None] | None,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`bench_attention` for one geometry (inputs already built)."""
-    backend_name = resolve_backend(backend, device)
+    backend_name = resolve_backend(backend, device, q.dtype)
     rows = []
     dense_sdpa(q, k, v)  # warm-up
     for config in configs:

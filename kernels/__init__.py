@@ -4,12 +4,16 @@ One entry point, :func:`block_sparse_attention`, takes q/k/v in diffusers' ``(B,
 order, and dispatches to an executor:
 
 - ``reference``: dense SDPA with the plan's boolean mask: the specification, O(S²), for tests.
+- ``cpp``: a block-sparse flash-attention kernel for the CPU, compiled from C++ on first use
+  (:mod:`vidsparse.kernels.cpp`): the fast path on CPU, float32.
 - ``gather``: batched dense SDPA over the gathered key/value blocks of each group of query blocks
-  (:mod:`vidsparse.kernels.gather`): the fast path on CPU (faster than compiled FlexAttention there, no compile).
+  (:mod:`vidsparse.kernels.gather`): any dtype, no compiler needed; the CPU fallback (faster than compiled
+  FlexAttention there).
 - ``flex``: compiled FlexAttention over the plan's BlockMask: portable to CPU and GPU.
 - ``triton``: the block-sparse flash-attention kernel of :mod:`vidsparse.kernels.block_sparse_attn`: the fast path
   on CUDA.
-- ``auto``: triton on CUDA, gather on CPU, flex elsewhere; never silently a slower executor (one warning).
+- ``auto``: triton on CUDA; on CPU cpp for float32 (gather for other dtypes, or where the kernel cannot be built:
+  one warning); flex elsewhere.
 
 Executors other than ``reference`` work in *plan order*: the permutation is applied here, once, for all of them.
 """
@@ -24,12 +28,13 @@ import torch
 from vidsparse.config import SUPPORTED_BACKENDS, check_choice
 from vidsparse.plan import BlockPlan
 
+from .cpp import cpp_block_sparse_attention, cpp_kernel_available
 from .flex import flex_block_sparse_attention
 from .gather import gather_block_sparse_attention
 from .masks import restrict_to_causal_groups
 from .reference import reference_attention
 
-__all__ = ["block_sparse_attention", "resolve_backend", "triton_available"]
+__all__ = ["block_sparse_attention", "cpp_kernel_available", "resolve_backend", "triton_available"]
 
 
 @functools.cache
@@ -51,8 +56,12 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into a concrete executor for ``device``; check an explicit choice is usable."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Turn ``"auto"`` into a concrete executor for ``device`` (and ``dtype``, when known); check an explicit choice.
+
+    On CPU ``auto`` is ``cpp`` for float32 (or an unknown dtype) where its kernel builds, else ``gather``; the first
+    ``auto`` call on CPU may compile the kernel (about 30 s, once per machine).
+    """
     check_choice("backend", backend, SUPPORTED_BACKENDS)
     if backend == "auto":
         if device.type == "cuda" and triton_available():
@@ -60,8 +69,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             _warn_once("auto-cuda", "vidsparse: Triton kernel unavailable on CUDA; backend='auto' uses FlexAttention.")
             return "flex"
-        # On CPU the gather executor beats compiled FlexAttention (see README, "Speed"), with no compile step.
-        return "gather" if device.type == "cpu" else "flex"
+        if device.type != "cpu":
+            return "flex"
+        if dtype not in (None, torch.float32):
+            return "gather"  # the C++ kernel is float32 only
+        if cpp_kernel_available():
+            return "cpp"
+        _warn_once(
+            "auto-cpu",
+            "vidsparse: the cpp CPU kernel could not be built here (see vidsparse.kernels.cpp.load_cpp_kernel()); "
+            "backend='auto' uses the slower gather executor.",
+        )
+        return "gather"
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' requested but the Triton kernel could not be imported.")
     return backend
@@ -84,7 +103,7 @@ def block_sparse_attention(
     Args:
         q, k, v: ``[B, S, H, D]`` (diffusers layout), original token order, same dtype.
         plan: Block plan for sequence length ``S``; its B and H dimensions broadcast (1 or equal to q's).
-        backend: ``"auto"``, ``"gather"``, ``"flex"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cpp"``, ``"gather"``, ``"flex"``, ``"triton"`` or ``"reference"``.
         scale: Softmax scale, default ``1/sqrt(D)``.
         return_lse: Also return the natural-log log-sum-exp per query, float32 ``[B, H, S]`` (original order).
         key_padding_mask: Optional bool ``[B, S]``; False marks keys nobody may attend (padded text). It is ANDed
@@ -116,7 +135,7 @@ def block_sparse_attention(
         if causal_groups.dtype.is_floating_point or causal_groups.dtype == torch.bool:
             raise ValueError(f"causal_groups must hold integers; got {causal_groups.dtype}.")
         causal_groups = causal_groups.to(device=q.device, dtype=torch.int32)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, q.dtype)
     plan = plan.to(q.device)
     if causal_groups is not None:
         groups_in_plan_order = causal_groups if plan.perm is None else causal_groups.index_select(1, plan.perm)
@@ -144,8 +163,12 @@ def block_sparse_attention(
         if causal_groups is not None:
             causal_groups = groups_in_plan_order
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    if name in ("gather", "flex"):  # the CPU executors share one signature
-        executor = gather_block_sparse_attention if name == "gather" else flex_block_sparse_attention
+    if name in ("cpp", "gather", "flex"):  # the CPU executors share one signature
+        executor = {
+            "cpp": cpp_block_sparse_attention,
+            "gather": gather_block_sparse_attention,
+            "flex": flex_block_sparse_attention,
+        }[name]
         out, lse = executor(
             qh,
             kh,

@@ -36,7 +36,7 @@ def test_reference_matches_explicit_masked_softmax():
     assert (out - block_sparse_attention(q, k, v, plan, backend="reference")).abs().max() > 1e-3
 
 
-BACKENDS = ["flex", "gather"] + (["triton"] if triton_available() else [])
+BACKENDS = ["cpp", "flex", "gather"] + (["triton"] if triton_available() else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 #: Block sizes the executors support (FlexAttention and the Triton kernel tile by these).
 SUPPORTED_BLOCK_SIZES: tuple[int, ...] = (64, 128)
 #: Executor names accepted by ``backend=``.
-SUPPORTED_BACKENDS: tuple[str, ...] = ("auto", "reference", "gather", "flex", "triton")
+SUPPORTED_BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "gather", "flex", "triton")
 
 
 def check_fraction(name: str, value: float | None, *, allow_none: bool = False, low_open: bool = True) -> None:
@@ -91,8 +91,8 @@ class SparseConfig:
         dense_above_timestep: Also run dense while the scheduler timestep is above this value (the rule of
             DraftAttention / Sparse-VideoGen, e.g. 925 of 1000); ``None`` disables it.
         min_tokens: Self-attention over fewer video tokens than this runs dense (sparsity does not pay there).
-        backend: Executor: ``"auto"`` (triton on CUDA, gather on CPU), ``"gather"``, ``"flex"``, ``"triton"`` or
-            ``"reference"``.
+        backend: Executor: ``"auto"`` (triton on CUDA; on CPU cpp for float32, gather otherwise), ``"cpp"``,
+            ``"gather"``, ``"flex"``, ``"triton"`` or ``"reference"``.
     """
 
     method: ClassVar[str] = ""

@@ -1,0 +1,122 @@
+"""The ``cpp`` executor: a block-sparse flash-attention kernel for the CPU, compiled from C++ on first use.
+
+``kernels/csrc/block_sparse_cpu.cpp`` computes each query block against its kept key blocks read in place from the
+blocked K/V tensors, a chunk of about 512 keys at a time through a small per-thread buffer, with an online softmax
+and BLAS GEMMs (see the source for the details). Against the ``gather`` executor it saves the per-call copies of
+every kept key block into fresh sequences, the log-sum-exp merges of split windows and the schedule of each new
+plan, and it runs one-block queries at the rate of long ones. Measured in one process at 32 760 tokens (2 heads x
+64, block 128, one thread; efficiency = dense SDPA time x density / sparse time): draft 0.86 -> 0.95 at density
+0.25, radial 0.91 -> 0.97 at 0.25, cached 0.79 -> 0.92 at 0.1.
+
+It is built with torch's C++ extension loader the first time it is needed (about 30 s; cached afterwards in
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and needs a C++ compiler. Where it cannot be
+built, ``backend="auto"`` uses ``gather`` instead (one warning) and ``backend="cpp"`` raises with the compiler's
+reason. It takes float32 only (``auto`` hands other dtypes to ``gather``).
+
+Exact: every kept (query, key) pair is computed once with the same softmax as dense SDPA; the model's key padding
+(padded keys are left out of the chunks) and block-causal groups are applied per token. Tested against
+``reference`` like every executor.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from vidsparse.plan import BlockPlan
+
+from .gather import _blocked
+
+#: The kernel's source, compiled on first use.
+SOURCE = Path(__file__).with_name("csrc") / "block_sparse_cpu.cpp"
+#: ``-ffast-math`` lets the compiler vectorise ``exp`` (glibc's vector math); ``-fno-finite-math-only`` keeps the
+#: infinities the online softmax relies on (a query that has seen no key yet has a running max of -inf).
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
+
+
+@functools.cache
+def load_cpp_kernel() -> ModuleType:
+    """The compiled kernel module, built on first use (then cached by torch on disk and here in memory).
+
+    Raises:
+        RuntimeError: it cannot be built or loaded here (no C++ compiler, no BLAS ``sgemm_`` in this torch build);
+            the message carries the cause.
+    """
+    # torch's loader logs "No CUDA runtime is found" on CPU-only machines: true and irrelevant for a CPU kernel.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="vidsparse_block_sparse_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+    except Exception as exc:  # compiler missing, build error, unresolved symbol: all mean "not available here"
+        raise RuntimeError(f"the cpp executor's kernel could not be built: {type(exc).__name__}: {exc}") from exc
+    finally:
+        logger.setLevel(level)
+
+
+@functools.cache
+def cpp_kernel_available() -> bool:
+    """True when the C++ kernel builds and loads here (the first call may take about 30 s to compile it)."""
+    try:
+        load_cpp_kernel()
+    except RuntimeError:
+        return False
+    return True
+
+
+def cpp_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    causal_groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-sparse attention with the compiled CPU kernel.
+
+    Args:
+        q, k, v: float32 ``[B, H, S, D]`` in *plan order*, on the CPU.
+        plan: The plan, on the CPU (its B and H broadcast).
+        scale: Softmax scale; default ``1/sqrt(D)``.
+        return_lse: Also return the natural-log LSE ``[B, H, S]`` (float32, plan order).
+        key_padding_mask: Optional bool ``[B, S]`` in plan order; True keys may be attended.
+        causal_groups: Optional int ``[B or 1, S]`` in plan order: a query sees a key only when the key's group is
+            not greater than its own.
+
+    Returns:
+        ``(out [B, H, S, D], lse or None)``; a query that sees no key gets zeros (LSE ``-inf``).
+
+    Raises:
+        ValueError: ``q`` is not float32 or not on the CPU.
+        RuntimeError: the kernel cannot be built here (see :func:`load_cpp_kernel`).
+    """
+    if q.dtype != torch.float32 or q.device.type != "cpu":
+        raise ValueError(
+            f"backend='cpp' runs float32 on the CPU; got dtype={q.dtype}, device={q.device}. "
+            "Use backend='gather' (any dtype) or 'auto'."
+        )
+    kernel = load_cpp_kernel()
+    b, h, s, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qb, bs = plan.num_q_blocks, plan.block_size
+    kmax = plan.kv_idx.shape[-1]
+    q_blocks, k_blocks, v_blocks = (_blocked(x, qb, bs).contiguous() for x in (q, k, v))
+    kv_num = plan.kv_num.expand(b, h, qb).reshape(b * h, qb).long().contiguous()
+    kv_idx = plan.kv_idx.expand(b, h, qb, kmax).reshape(b * h, qb, kmax).long().contiguous()
+    keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    groups = None if causal_groups is None else causal_groups.expand(b, s).to(torch.int32).contiguous()
+    out, lse = kernel.block_sparse_attention_cpu(
+        q_blocks, k_blocks, v_blocks, kv_num, kv_idx, s, h, scale, keep, groups
+    )
+    out = out.view(b, h, qb * bs, d)[:, :, :s]
+    return out, (lse.view(b, h, qb * bs)[:, :, :s] if return_lse else None)
