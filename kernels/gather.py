@@ -1,7 +1,8 @@
 """The ``gather`` executor: batched dense SDPA over the gathered key/value blocks of each query block.
 
-Where no block-sparse kernel is fast (the CPU: compiled FlexAttention there costs 1.5-2.5x dense SDPA at full
-density), the fastest exact way to skip work is to hand the dense SDPA kernel only the work that is kept:
+The CPU executor for every dtype and every machine, compiler or not (the faster ``cpp`` kernel takes float32 only
+and needs a C++ compiler; compiled FlexAttention costs 1.5-2.5x dense SDPA at full density there). It skips work by
+handing torch's dense SDPA kernel only the work that is kept:
 
 1. the plan's rows ``(batch, head, query block)`` are grouped into *buckets* of rows that keep the same number of
    key blocks ``n`` (and agree on whether their last key block is the sequence's partial tail block);

@@ -30,7 +30,10 @@ namespace {
 
 // Keys per chunk: K and V chunks of 512 x 64 floats are 256 KiB together, well inside L2.
 constexpr int64_t kChunkKeys = 512;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// The running max of a query that has seen no key yet, and the score of a key it may not see. Finite on purpose:
+// the file is compiled with -ffast-math (which lets the compiler vectorise exp and assumes no infinities); any real
+// score is far above it and exp(kUnseen - real max) is exactly 0.
+constexpr float kUnseen = -1e30f;
 
 // Column-major BLAS GEMM: C[m x n] = alpha * op(A) op(B) + beta * C.
 inline void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -40,7 +43,7 @@ inline void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, floa
   sgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi, &beta, c, &ldci);
 }
 
-// exp(x - shift) of a row in place, returning the sum (vectorised by the compiler: -O3 -ffast-math).
+// exp(x - shift) of a row in place, returning the sum (vectorised by the compiler with glibc's vector exp).
 inline float exp_shift_sum(float* x, int64_t n, float shift) {
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
@@ -57,13 +60,13 @@ inline float exp_shift_sum(float* x, int64_t n, float shift) {
 // kv_num: int64 [B*H, Qb]; kv_idx: int64 [B*H, Qb, K] (key block j of the same batch x head; the first kv_num
 // entries of a row are used). key_keep: optional bool [B, S] (False: the key is never attended); key_groups:
 // optional int32 [B, S] (a query sees a key only when the key's group is not greater than its own).
-// Returns {out [B*H*Qb, bs, D] float32, lse [B*H*Qb, bs] float32 natural log}: a query that sees no key gets
-// zeros and -inf, as the reference executor gives.
-std::vector<at::Tensor> block_sparse_attention_cpu(const at::Tensor& q_blocks, const at::Tensor& k_blocks,
-                                                   const at::Tensor& v_blocks, const at::Tensor& kv_num,
-                                                   const at::Tensor& kv_idx, int64_t seq_len, int64_t heads,
-                                                   double scale, const std::optional<at::Tensor>& key_keep,
-                                                   const std::optional<at::Tensor>& key_groups) {
+// out [B*H*Qb, bs, D] and lse [B*H*Qb, bs] (float32, contiguous) come in filled with zeros and -inf (made by the
+// caller: this file is compiled with -ffast-math and handles no infinities); the rows of queries that see at least
+// one key are written (natural-log LSE), the others keep zeros and -inf, as the reference executor gives.
+void block_sparse_attention_cpu(const at::Tensor& q_blocks, const at::Tensor& k_blocks, const at::Tensor& v_blocks,
+                                const at::Tensor& kv_num, const at::Tensor& kv_idx, int64_t seq_len, int64_t heads,
+                                double scale, const std::optional<at::Tensor>& key_keep,
+                                const std::optional<at::Tensor>& key_groups, at::Tensor& out, at::Tensor& lse) {
   for (const at::Tensor* t : {&q_blocks, &k_blocks, &v_blocks}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3,
                 "q/k/v blocks must be contiguous float32 [rows, block, D]");
@@ -92,8 +95,10 @@ std::vector<at::Tensor> block_sparse_attention_cpu(const at::Tensor& q_blocks, c
     groups = key_groups->data_ptr<int32_t>();
   }
 
-  at::Tensor out = at::zeros_like(q_blocks);
-  at::Tensor lse = at::full({rows, bs}, kNegInf, q_blocks.options());
+  TORCH_CHECK(out.sizes() == q_blocks.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == bs && lse.scalar_type() == at::kFloat &&
+                  lse.is_contiguous(),
+              "out must be float32 like q_blocks and lse float32 [rows, block], both contiguous");
   const float* qp = q_blocks.data_ptr<float>();
   const float* kp = k_blocks.data_ptr<float>();
   const float* vp = v_blocks.data_ptr<float>();
@@ -114,7 +119,7 @@ std::vector<at::Tensor> block_sparse_attention_cpu(const at::Tensor& q_blocks, c
       if (n == 0) continue;  // keeps no key block: zeros and -inf
       const int64_t* list = idxp + r * kmax;
       const float* q = qp + r * bs * dim;
-      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_max.begin(), row_max.end(), kUnseen);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       if (groups) {
@@ -155,12 +160,12 @@ std::vector<at::Tensor> block_sparse_attention_cpu(const at::Tensor& q_blocks, c
           float* s = scores.data() + x * keys;
           if (groups) {
             for (int64_t t = 0; t < keys; ++t) {
-              if (chunk_groups[t] > query_groups[x]) s[t] = kNegInf;
+              if (chunk_groups[t] > query_groups[x]) s[t] = kUnseen;
             }
           }
           float new_max = row_max[x];
           for (int64_t t = 0; t < keys; ++t) new_max = std::max(new_max, s[t]);
-          if (new_max == kNegInf) {  // this query sees no key yet: nothing to add
+          if (new_max <= kUnseen) {  // this query sees no key yet: nothing to add
             std::fill(s, s + keys, 0.f);
             continue;
           }
@@ -184,7 +189,6 @@ std::vector<at::Tensor> block_sparse_attention_cpu(const at::Tensor& q_blocks, c
       }
     }
   });
-  return {out, lse};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
