@@ -4,9 +4,10 @@
 blocked K/V tensors, a chunk of about 512 keys at a time through a small per-thread buffer, with an online softmax
 and BLAS GEMMs (see the source for the details). Against the ``gather`` executor it saves the per-call copies of
 every kept key block into fresh sequences, the log-sum-exp merges of split windows and the schedule of each new
-plan, and it runs one-block queries at the rate of long ones. Measured in one process at 32 760 tokens (2 heads x
-64, block 128, one thread; efficiency = dense SDPA time x density / sparse time): draft 0.86 -> 0.95 at density
-0.25, radial 0.91 -> 0.97 at 0.25, cached 0.79 -> 0.92 at 0.1.
+plan, and it runs one-block queries at the rate of long ones. ``vidsparse bench attention --threads 1
+--block-size 128`` at 32 760 tokens (2 heads x 64; efficiency = dense SDPA time x density / (plan + sparse time);
+``samples/bench/attention_cpu_run5.json`` with ``gather``, ``run6`` with ``cpp``): draft 0.76 -> 0.95 at density
+0.25, radial 0.90 -> 0.90 at 0.25 and 0.82 -> 0.98 at 0.1, cached 0.89 -> 0.97 at 0.25 and 0.75 -> 1.00 at 0.1.
 
 It is built with torch's C++ extension loader the first time it is needed (about 30 s; cached afterwards in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and needs a C++ compiler. Where it cannot be
