@@ -114,6 +114,27 @@ def test_auto_on_cpu_is_the_cpp_kernel_for_float32():
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "gather"
 
 
+def test_auto_falls_back_to_gather_when_the_kernel_cannot_be_built(monkeypatch):
+    """No compiler (or a failed build): auto warns once and uses gather; an explicit cpp says why it cannot run."""
+    import vidsparse.kernels as kernels
+    from vidsparse.kernels import cpp
+
+    def broken_build():
+        raise RuntimeError("the cpp executor's kernel could not be built: no compiler")
+
+    monkeypatch.setattr(cpp, "load_cpp_kernel", broken_build)
+    monkeypatch.setattr(kernels, "cpp_kernel_available", lambda: False)
+    monkeypatch.setattr(kernels, "_warned", set())
+    q, k, v = qkv(1, 130, 2, 8, seed=12)
+    plan = random_plan(130, 64, density=0.5, seed=12)
+    ref = block_sparse_attention(q, k, v, plan, backend="reference")
+    with pytest.warns(UserWarning, match="cpp CPU kernel could not be built"):
+        assert kernels.resolve_backend("auto", torch.device("cpu"), torch.float32) == "gather"
+    torch.testing.assert_close(block_sparse_attention(q, k, v, plan, backend="auto"), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="could not be built: no compiler"):
+        block_sparse_attention(q, k, v, plan, backend="cpp")
+
+
 def test_cpp_empty_rows_and_tail_block_match_reference():
     """Rows that keep nothing get zeros / LSE -inf; a tail block of one token; batch 2 with per-head plans."""
     s = 129  # two blocks of 64 and a partial block of one token
