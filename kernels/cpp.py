@@ -14,6 +14,10 @@ It is built with torch's C++ extension loader the first time it is needed (about
 built, ``backend="auto"`` uses ``gather`` instead (one warning) and ``backend="cpp"`` raises with the compiler's
 reason. It takes float32 only (``auto`` hands other dtypes to ``gather``).
 
+The same extension holds the ``cached`` method's block-mass search (``block_mass_rows``: each scored query row's
+softmax mass per key block, in one pass with a running max), which
+:func:`vidsparse.methods.cached.block_attention_mass` uses on the CPU (:func:`cpp_kernel_for`).
+
 Exact: every kept (query, key) pair is computed once with the same softmax as dense SDPA; the model's key padding
 (padded keys are left out of the chunks) and block-causal groups are applied per token. Tested against
 ``reference`` like every executor.
@@ -71,6 +75,11 @@ def cpp_kernel_available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def cpp_kernel_for(device: torch.device) -> ModuleType | None:
+    """The compiled kernel module when ``device`` is the CPU and the kernel builds here, else ``None``."""
+    return load_cpp_kernel() if device.type == "cpu" and cpp_kernel_available() else None
 
 
 def cpp_block_sparse_attention(

@@ -1,5 +1,7 @@
 """The ``cached`` method, online mode: exact block mass, selection, plans, reuse/refresh/reset, cond/uncond state."""
 
+import shutil
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,8 +85,22 @@ def brute_force_mass(q, k, block_size):
     return (sums / onehot.sum(0)[:, None]).float()
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def search_path(request, monkeypatch):
+    """Run the block-mass search through the C++ kernel (the CPU default) or the chunked torch code (elsewhere)."""
+    from vidsparse.kernels import cpp
+
+    if request.param == "torch":
+        monkeypatch.setattr(cpp, "cpp_kernel_for", lambda device: None)
+    elif shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: the search runs the torch path (the other parameter)")
+    else:
+        assert cpp.cpp_kernel_for(torch.device("cpu")) is not None
+    return request.param
+
+
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
-def test_block_mass_is_exact_with_chunking(n):
+def test_block_mass_is_exact_with_chunking(n, search_path):
     gen = torch.Generator().manual_seed(n)
     q, k = (torch.randn(2, 3, n, 8, generator=gen) * 2 for _ in range(2))
     expected = brute_force_mass(q, k, 64)
@@ -102,7 +118,7 @@ def test_scored_rows_are_evenly_spaced_and_cover_a_partial_last_block():
 
 
 @pytest.mark.parametrize("n", [63, 200])
-def test_sampled_mass_is_the_mean_of_the_scored_rows_exact_softmax(n):
+def test_sampled_mass_is_the_mean_of_the_scored_rows_exact_softmax(n, search_path):
     gen = torch.Generator().manual_seed(n)
     q, k = (torch.randn(2, 3, n, 8, generator=gen) * 2 for _ in range(2))
     probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8**0.5, -1)

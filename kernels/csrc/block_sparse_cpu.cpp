@@ -1,4 +1,5 @@
-// Block-sparse flash attention for the CPU: the kernel behind the ``cpp`` executor (kernels/cpp.py).
+// Block-sparse flash attention for the CPU: the kernel behind the ``cpp`` executor (kernels/cpp.py), and the
+// block-mass search of the ``cached`` method (block_mass_rows, at the end).
 //
 // For each query block (a row of the plan, one per batch x head x query block), its kept key blocks are read
 // straight from the blocked K/V tensors, a chunk of about 512 keys at a time, into a small per-thread buffer that
@@ -191,6 +192,65 @@ void block_sparse_attention_cpu(const at::Tensor& q_blocks, const at::Tensor& k_
   });
 }
 
+// The softmax mass each query row puts on each key block: the search of the `cached` method
+// (vidsparse.methods.cached.block_attention_mass). q: float32 [G, R, D] (the scored rows of each head), k: float32
+// [G, N, D]; mass: float32 [G, R, ceil(N / block_size)], zero-filled, written with each row's mass per key block
+// (each row sums to 1). One pass over the keys, a chunk of about 512 at a time, with a running max per row: when it
+// grows, the block sums so far are rescaled (flash attention's trick); the scores never leave the L2 cache.
+void block_mass_rows(const at::Tensor& q, const at::Tensor& k, int64_t block_size, double scale, at::Tensor& mass) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && mass.scalar_type() == at::kFloat &&
+                  q.is_contiguous() && k.is_contiguous() && mass.is_contiguous() && q.dim() == 3 && k.dim() == 3 &&
+                  mass.dim() == 3,
+              "q [G, R, D], k [G, N, D] and mass [G, R, Nb] must be contiguous float32");
+  const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2), keys = k.size(1);
+  const int64_t nb = (keys + block_size - 1) / block_size;
+  TORCH_CHECK(block_size > 0 && k.size(0) == heads && k.size(2) == dim && mass.size(0) == heads &&
+                  mass.size(1) == rows && mass.size(2) == nb,
+              "shapes of q, k and mass do not match");
+  constexpr int64_t kRowTile = 32;
+  const int64_t chunk = std::max<int64_t>(1, kChunkKeys / block_size) * block_size;  // whole blocks per chunk
+  const int64_t tiles = (rows + kRowTile - 1) / kRowTile;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  float* mp = mass.data_ptr<float>();
+  const float alpha = static_cast<float>(scale);
+  at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kRowTile * chunk), row_max(kRowTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / tiles, r0 = (task % tiles) * kRowTile, rt = std::min(kRowTile, rows - r0);
+      float* out = mp + (g * rows + r0) * nb;
+      std::fill(row_max.begin(), row_max.end(), kUnseen);
+      for (int64_t c0 = 0; c0 < keys; c0 += chunk) {
+        const int64_t len = std::min(chunk, keys - c0), first_block = c0 / block_size;
+        gemm('T', 'N', len, rt, dim, alpha, kp + (g * keys + c0) * dim, dim, qp + (g * rows + r0) * dim, dim, 0.f,
+             scores.data(), len);
+        for (int64_t x = 0; x < rt; ++x) {
+          float* s = scores.data() + x * len;
+          float* sums = out + x * nb;
+          float chunk_max = kUnseen;
+          for (int64_t t = 0; t < len; ++t) chunk_max = std::max(chunk_max, s[t]);
+          if (chunk_max > row_max[x]) {  // the block sums so far were relative to a smaller max
+            const float factor = std::exp(row_max[x] - chunk_max);
+            for (int64_t j = 0; j < first_block; ++j) sums[j] *= factor;
+            row_max[x] = chunk_max;
+          }
+          for (int64_t b0 = 0; b0 < len; b0 += block_size) {
+            sums[first_block + b0 / block_size] += exp_shift_sum(s + b0, std::min(block_size, len - b0), row_max[x]);
+          }
+        }
+      }
+      for (int64_t x = 0; x < rt; ++x) {
+        float* sums = out + x * nb;
+        float total = 0.f;
+        for (int64_t j = 0; j < nb; ++j) total += sums[j];
+        const float inv = 1.f / total;
+        for (int64_t j = 0; j < nb; ++j) sums[j] *= inv;
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_sparse_attention_cpu", &block_sparse_attention_cpu, "Block-sparse flash attention on the CPU");
+  m.def("block_mass_rows", &block_mass_rows, "Softmax mass of query rows per key block (cached's search)");
 }

@@ -6,8 +6,8 @@ and barely with the prompt (Sparse-vDiT). Two ways to use that, one config (:cla
 **online** (AdaSpa, the default). Steps before ``dense_steps`` run dense. At the first sparse step the method
 computes the attention mass of every (query block, key block) pair of every head in one chunked pass
 (:func:`block_attention_mass`, at search steps only): by default from 16 evenly spaced query rows per block (exact
-softmax rows, about 0.13 of a dense attention on a CPU), with ``search_rows=None`` from every row as AdaSpa does
-(about one dense attention), then keeps for each query
+softmax rows, about 0.09-0.11 of a dense attention on a CPU with the C++ kernel), with ``search_rows=None`` from
+every row as AdaSpa does (0.6-1 dense attention), then keeps for each query
 block
 
 - the ``density`` fraction of key blocks with the most mass, with AdaSpa's head-adaptive budgets (heads that keep
@@ -87,8 +87,8 @@ class CachedConfig(SparseConfig):
             rebuilt into a plan on every reuse).
         search_rows: Query rows per block the online search scores (evenly spaced; each row's softmax over all keys
             is exact, a block's mass is the mean of its rows). ``None``: every row, AdaSpa's exact search, which
-            costs about one dense attention per search on a CPU; the default 16 (of 128-token blocks) costs about
-            0.13 of one and keeps the same blocks up to near-ties (measured in the README).
+            costs 0.6-1 dense attention per search on a CPU; the default 16 (of 128-token blocks) costs about
+            0.09-0.11 of one and keeps the same blocks up to near-ties (measured in the README).
         patterns: Offline mode: a pattern file written by ``vidsparse calibrate``. ``density``, ``recall``,
             ``head_adaptive``, ``refresh_steps``, ``tile`` and ``storage`` do not apply then.
         calibration: Used by ``vidsparse calibrate``: key of an active
@@ -242,6 +242,15 @@ def block_attention_mass(
     heads_per_chunk = max(1, min(g, max_elements // (n * rows_per_chunk)))
     full = n // block_size  # complete key blocks; a partial last one is summed separately
     mass = torch.zeros(g, nb, nb, dtype=torch.float32, device=q.device)
+    from vidsparse.kernels.cpp import cpp_kernel_for  # the compute layer; imported late, the methods need none of it
+
+    kernel = cpp_kernel_for(q.device)
+    if kernel is not None:  # on CPU: one pass that keeps the scores in cache (about 0.08 of a dense attention)
+        per_key_block = torch.zeros(g, num_rows, nb, dtype=torch.float32)
+        q_rows, keys = qf.float().contiguous(), k.reshape(g, n, d).float().contiguous()
+        kernel.block_mass_rows(q_rows, keys, block_size, scale, per_key_block)
+        mass.index_add_(1, row_block, per_key_block)
+        g = 0  # done: skip the generic chunked path below
     for g0 in range(0, g, heads_per_chunk):
         g1 = min(g, g0 + heads_per_chunk)
         for r0 in range(0, num_rows, rows_per_chunk):
