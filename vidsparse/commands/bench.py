@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
     a.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
     a.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (medians; default: 3)")
-    a.add_argument("--backend", default="auto", help="executor: auto, gather, flex, triton (default: auto)")
+    a.add_argument("--backend", default="auto", help="executor: auto, cpp, gather, flex, triton (default: auto)")
     a.set_defaults(func=run_attention)
 
     e = inner.add_parser("e2e", help="a few denoising steps of WanTransformer3DModel, dense vs each method")

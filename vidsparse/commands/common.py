@@ -69,7 +69,7 @@ def add_method_args(parser: argparse.ArgumentParser, *, default: str | None = DE
     parser.add_argument("--dense-steps", type=step_count, help="first N steps dense (int) or a fraction (float)")
     parser.add_argument("--dense-last-steps", type=step_count, help="last N steps dense (int) or a fraction")
     parser.add_argument("--dense-layers", type=int, help="first N transformer blocks dense")
-    parser.add_argument("--backend", help="auto, gather, flex, triton or reference")
+    parser.add_argument("--backend", help="auto, cpp, gather, flex, triton or reference")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
 
 
