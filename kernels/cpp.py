@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -43,6 +45,8 @@ SOURCE = Path(__file__).with_name("csrc") / "block_sparse_cpu.cpp"
 #: all of fast-math, e.g. with ``-fno-finite-math-only``, glibc declares no vector variants), so the kernel keeps no
 #: infinities in its arithmetic (a finite sentinel marks keys not seen).
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+#: Seconds after which a load that has not returned says it is compiling (a cached build loads in well under 1 s).
+COMPILE_NOTICE_AFTER_S = 2.0
 
 
 @functools.cache
@@ -57,6 +61,14 @@ def load_cpp_kernel() -> ModuleType:
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    # A first build takes about 30 s with no output of its own: say so, instead of a silent pause.
+    notice = threading.Timer(
+        COMPILE_NOTICE_AFTER_S,
+        lambda: print(
+            "vidsparse: compiling the cpp CPU kernel (once per machine, about 30 s)...", file=sys.stderr, flush=True
+        ),
+    )
+    notice.start()
     try:
         from torch.utils.cpp_extension import load
 
@@ -64,6 +76,7 @@ def load_cpp_kernel() -> ModuleType:
     except Exception as exc:  # compiler missing, build error, unresolved symbol: all mean "not available here"
         raise RuntimeError(f"the cpp executor's kernel could not be built: {type(exc).__name__}: {exc}") from exc
     finally:
+        notice.cancel()
         logger.setLevel(level)
 
 

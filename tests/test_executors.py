@@ -135,6 +135,23 @@ def test_auto_falls_back_to_gather_when_the_kernel_cannot_be_built(monkeypatch):
         block_sparse_attention(q, k, v, plan, backend="cpp")
 
 
+def test_a_slow_kernel_build_says_it_is_compiling(monkeypatch, capsys):
+    """A first build takes about 30 s: the user is told, instead of a silent pause (a cached load says nothing)."""
+    import time
+
+    import torch.utils.cpp_extension
+
+    from vidsparse.kernels import cpp
+
+    monkeypatch.setattr(cpp, "COMPILE_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: time.sleep(0.3) or "module")
+    assert cpp.load_cpp_kernel.__wrapped__() == "module"
+    assert "compiling the cpp CPU kernel" in capsys.readouterr().err
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: "module")
+    assert cpp.load_cpp_kernel.__wrapped__() == "module"
+    assert capsys.readouterr().err == ""
+
+
 def test_cpp_empty_rows_and_tail_block_match_reference():
     """Rows that keep nothing get zeros / LSE -inf; a tail block of one token; batch 2 with per-head plans."""
     s = 129  # two blocks of 64 and a partial block of one token
