@@ -30,3 +30,10 @@ def qkv(b: int, s: int, h: int, d: int, *, seed: int = 0, dtype=torch.float32):
     """Random q, k, v in diffusers layout [B, S, H, D]."""
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(b, s, h, d, generator=gen).to(dtype) for _ in range(3))
+
+
+def has_cxx_compiler() -> bool:
+    """True where the cpp executor's kernel can be compiled (a C++ compiler on PATH); without one, auto uses gather."""
+    import shutil
+
+    return shutil.which("c++") is not None or shutil.which("g++") is not None

@@ -7,7 +7,7 @@ CPU) against the reference, with and without a permutation and a key padding mas
 
 import pytest
 import torch
-from helpers import qkv, random_plan
+from helpers import has_cxx_compiler, qkv, random_plan
 
 from vidsparse.kernels import block_sparse_attention, triton_available
 from vidsparse.kernels.masks import fully_visible_pairs, restrict_to_causal_groups
@@ -36,7 +36,7 @@ def test_reference_matches_explicit_masked_softmax():
     assert (out - block_sparse_attention(q, k, v, plan, backend="reference")).abs().max() > 1e-3
 
 
-BACKENDS = ["cpp", "flex", "gather"] + (["triton"] if triton_available() else [])
+BACKENDS = (["cpp"] if has_cxx_compiler() else []) + ["flex", "gather"] + (["triton"] if triton_available() else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
