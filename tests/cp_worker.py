@@ -222,6 +222,8 @@ def main(out_path: str) -> None:
     if rank == 0:
         results["per_rank"] = gathered
         torch.save(results, out_path)
+    # Both ranks leave together: no rank tears gloo down while the other may still be in a collective.
+    dist.barrier()
     dist.destroy_process_group()
 
 
