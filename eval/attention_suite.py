@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, build_plan
 from vidsparse.plan import BlockPlan

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.kernels import block_sparse_attention, resolve_backend
+from vidsparse.kernels.dispatch import block_sparse_attention, resolve_backend
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, build_plan, get_method, method_names
 from vidsparse.plan import BlockPlan

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, parse_method_spec
 from vidsparse.methods.cached import CachedConfig, CachedPattern, block_attention_mass, kept_recall, video_qk

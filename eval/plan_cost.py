@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, get_method, parse_method_spec
 from vidsparse.plan import BlockPlan

@@ -66,7 +66,7 @@ class AttentionTimer:
     """
 
     def __init__(self, pipe: Any, device: torch.device) -> None:
-        from vidsparse.pipelines import adapter_for
+        from vidsparse.pipelines.registry import adapter_for
 
         self.transformer_timer = _SpanTimer(device)
         self.attention_timer = _SpanTimer(device)

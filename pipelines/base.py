@@ -31,7 +31,7 @@ import torch
 
 from vidsparse.config import SparseConfig
 from vidsparse.hooks import SparseRuntime
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 
 from .parallel import check_context_parallel, context_parallel_config, local_sequence_length, ulysses_attention

@@ -105,7 +105,7 @@ def ulysses_case(parallel_config, *, seq_len: int, heads: int, seed: int) -> dic
     """``ulysses_attention`` on random tensors with a per-head plan and padded keys, against one process."""
     from helpers import qkv, random_plan
 
-    from vidsparse.kernels import block_sparse_attention
+    from vidsparse.kernels.dispatch import block_sparse_attention
     from vidsparse.pipelines.parallel import ulysses_attention
 
     cp = parallel_config.context_parallel_config

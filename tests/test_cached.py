@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vidsparse
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, build_plan, make_config, parse_method_spec
 from vidsparse.methods.cached import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import has_cxx_compiler, qkv, random_plan
 
-from vidsparse.kernels import block_sparse_attention, triton_available
+from vidsparse.kernels.dispatch import block_sparse_attention, triton_available
 from vidsparse.kernels.masks import fully_visible_pairs, restrict_to_causal_groups
 
 # 300 tokens = 4 full blocks of 64 and a partial one; "frames" of 45 tokens in causal blocks of 2 frames (90 tokens):

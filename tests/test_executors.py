@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vidsparse
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.plan import BlockPlan
 
 # Fixed shapes: flex compiles once per shape (tests vary plan *data*, never shapes, to stay fast).
@@ -107,7 +107,7 @@ def test_cpp_refuses_other_dtypes_by_name():
 @needs_compiler
 def test_auto_on_cpu_is_the_cpp_kernel_for_float32():
     """Where a C++ compiler exists (this project's machines and CI), auto must get the kernel, not fall back."""
-    from vidsparse.kernels import resolve_backend
+    from vidsparse.kernels.dispatch import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpp"
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "gather"
@@ -115,7 +115,7 @@ def test_auto_on_cpu_is_the_cpp_kernel_for_float32():
 
 def test_auto_falls_back_to_gather_when_the_kernel_cannot_be_built(monkeypatch):
     """No compiler (or a failed build): auto warns once and uses gather; an explicit cpp says why it cannot run."""
-    import vidsparse.kernels as kernels
+    import vidsparse.kernels.dispatch as kernels
     from vidsparse.kernels import cpp
 
     def broken_build():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import vidsparse
 from vidsparse.eval.synthetic import synthetic_qkv
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, build_plan, parse_method_spec
 from vidsparse.methods.moba import (

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import vidsparse
 from vidsparse.config import resolve_step_count
-from vidsparse.kernels import block_sparse_attention
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import _STATIC_CACHE, PlanContext, build_plan, get_method, parse_method_spec
 from vidsparse.methods.radial import RadialConfig, decay_thresholds, faithful_block_mask

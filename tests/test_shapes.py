@@ -14,10 +14,8 @@ def pipe():
 
 
 def test_weights_ship_inside_the_package_and_stay_small():
-    import vidsparse.pipelines
-
     folder = shapes.model_dir()
-    assert folder.is_relative_to(__import__("pathlib").Path(vidsparse.pipelines.__file__).parent)
+    assert folder.is_relative_to(__import__("pathlib").Path(shapes.__file__).parent)
     files = [p for p in folder.rglob("*") if p.is_file()]
     names = {p.relative_to(folder).as_posix() for p in files}
     assert {"model_index.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json"} <= names

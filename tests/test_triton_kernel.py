@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vidsparse.kernels import block_sparse_attention
 from vidsparse.kernels.block_sparse_attn import _launch, block_sparse_attn
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.kernels.reference import reference_attention
 from vidsparse.plan import BlockPlan, num_blocks
 
@@ -240,7 +240,7 @@ def test_cpu_without_interpreter_imports_and_refuses_clearly():
     says why it cannot run."""
     code = (
         "import torch\n"
-        "from vidsparse.kernels import resolve_backend, triton_available\n"
+        "from vidsparse.kernels.dispatch import resolve_backend, triton_available\n"
         "from vidsparse.kernels.block_sparse_attn import block_sparse_attn, is_interpreted\n"
         "assert triton_available() and not is_interpreted()\n"
         "assert resolve_backend('auto', torch.device('cpu')) in ('cpp', 'gather')\n"

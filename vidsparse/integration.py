@@ -143,8 +143,8 @@ def _carry_diffusers_settings(current: Any, original: Any) -> None:
 
 
 def _install(pipe_or_transformer: Any, config: SparseConfig | None, num_steps: int | None) -> SparseHandle:
-    from vidsparse.pipelines import adapter_for
     from vidsparse.pipelines.parallel import check_context_parallel, context_parallel_config
+    from vidsparse.pipelines.registry import adapter_for
 
     transformers = transformers_of(pipe_or_transformer)
     adapters = [adapter_for(t) for t in transformers]  # fails before anything is touched
@@ -225,7 +225,7 @@ def attach(pipe_or_transformer: Any, *, num_steps: int | None = None) -> SparseH
 
 def make_processor(transformer: torch.nn.Module, method_or_config: str | SparseConfig, **overrides: Any) -> Any:
     """A vidsparse processor for ``transformer``'s family (to pass to ``set_attn_processor``)."""
-    from vidsparse.pipelines import adapter_for
+    from vidsparse.pipelines.registry import adapter_for
 
     adapter = adapter_for(transformer)
     return adapter.make_processor(make_config(method_or_config, **overrides), None)

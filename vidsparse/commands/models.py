@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def listing() -> dict[str, Any]:
     """Families (with their tiny pipelines), tiny pipelines and methods, JSON-friendly."""
     from vidsparse.methods import get_method, method_names
-    from vidsparse.pipelines import ADAPTERS
+    from vidsparse.pipelines.registry import ADAPTERS
     from vidsparse.pipelines.tiny import TINY_PIPELINES
 
     families = []

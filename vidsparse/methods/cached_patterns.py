@@ -580,7 +580,7 @@ class PatternRecorder:
         """
         if not self.stats:
             raise ValueError("nothing was recorded: no sparse-eligible attention call ran during calibration.")
-        from vidsparse.pipelines import adapter_for
+        from vidsparse.pipelines.registry import adapter_for
 
         layers = max(len(adapter_for(t).attention_modules(t)) for t in transformers)
         heads = next(iter(self.stats.values())).recall.shape[0]
