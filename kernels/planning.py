@@ -34,7 +34,7 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
     check_choice("backend", backend, PLANNING_BACKENDS)
     if backend == "torch":
         return False
-    from . import triton_available
+    from .dispatch import triton_available
 
     if backend == "triton":
         if not triton_available():

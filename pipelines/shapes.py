@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,9 @@ DEFAULT_GEOMETRY: dict[str, Any] = {
 
 def model_dir() -> Path:
     """Return the shipped pipeline folder inside the installed package."""
-    return Path(str(resources.files("vidsparse.pipelines") / "assets" / MODEL_NAME))
+    # Next to this file, not importlib.resources: vidsparse.pipelines is a namespace package (see pyproject.toml),
+    # and Python 3.11's namespace resource reader cannot serve one mapped from an editable checkout.
+    return Path(__file__).resolve().parent / "assets" / MODEL_NAME
 
 
 @contextmanager

@@ -54,7 +54,7 @@ class TinySpec:
         guidance_scale: Default classifier-free guidance scale.
         description: One line for ``vidsparse models``.
         prompt: Example prompt used when none is given.
-        family: Name of the adapter serving the pipeline's transformer (see ``vidsparse.pipelines.ADAPTERS``).
+        family: Name of the adapter serving the pipeline's transformer (see ``vidsparse.pipelines.registry.ADAPTERS``).
         call_kwargs: Extra keyword arguments every call of this pipeline needs (prompt templates, short text
             lengths, ...), merged under the caller's own.
         inputs: Optional ``inputs(height, width) -> dict`` of conditioning inputs (e.g. the image of an I2V

@@ -144,7 +144,7 @@ def attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run attention under ``plan``: q/k/v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` (and LSE ``[B, H, S]``).
 
-    See :func:`vidsparse.kernels.block_sparse_attention` for the arguments.
+    See :func:`vidsparse.kernels.dispatch.block_sparse_attention` for the arguments.
     """
     from .kernels.dispatch import block_sparse_attention
 

@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.calibrate",
     "vidsparse.commands.bench",
     "vidsparse.commands.train_tiny",
+    "vidsparse.commands.env",
 ]
 
 
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vidsparse",
         description="Block-sparse attention for diffusers video pipelines: render, evaluate, benchmark.",
     )
+    from vidsparse import __version__
+
+    parser.add_argument("--version", action="version", version=f"vidsparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
