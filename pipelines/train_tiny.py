@@ -311,8 +311,8 @@ class _CompactPaddingCrossAttention:
         return self.stock(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
 
 
-def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact text context for :class:`_CompactPaddingCrossAttention`.
+def encode_captions(pipe, captions: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact text context for :class:`_CompactPaddingCrossAttention`, on ``device`` (where the text encoder is).
 
     Returns:
         ``context [B, L + 1, TEXT_DIM]`` (each caption's token vectors, then zeros; ``L`` the longest caption) and
@@ -322,9 +322,9 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     lengths = [len(ids) for ids in pipe.tokenizer(captions, add_special_tokens=True)["input_ids"]]
     longest = max(lengths)
     context, _ = pipe.encode_prompt(
-        captions, do_classifier_free_guidance=False, max_sequence_length=longest + 1, device=torch.device("cpu")
+        captions, do_classifier_free_guidance=False, max_sequence_length=longest + 1, device=torch.device(device)
     )
-    bias = torch.zeros(len(captions), longest + 1)
+    bias = torch.zeros(len(captions), longest + 1, device=device)
     for row, n in enumerate(lengths):
         bias[row, n:] = math.log((PIPELINE_TEXT_LENGTH - n) / (longest + 1 - n))
     return context, bias
@@ -333,8 +333,18 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
 def sample_batch(pipe, config: TrainConfig, step: int, *, frames: int, batch: int) -> tuple[torch.Tensor, list[str]]:
     """Clips of optimizer step ``step``: normalised latents ``[B, z_dim, T', H/2, W/2]`` and their captions.
 
+    :func:`procedural_videos` encoded by :func:`encode_videos`.
+    """
+    videos, captions = procedural_videos(config, step, frames=frames, batch=batch)
+    return encode_videos(pipe, videos), captions
+
+
+def procedural_videos(config: TrainConfig, step: int, *, frames: int, batch: int) -> tuple[torch.Tensor, list[str]]:
+    """The procedural clips of optimizer step ``step``: pixels ``[B, 3, frames, H, W]`` in [-1, 1] and captions.
+
     Each clip is a random temporal crop of a procedural scene (within the reference length where the described
-    motion happens); with probability ``config.caption_dropout`` its caption is replaced by ``""``.
+    motion happens); with probability ``config.caption_dropout`` its caption is replaced by ``""``. Clip ``i`` is
+    seeded by ``(config.seed, step, i)``: the same step always draws the same clips.
     """
     videos, captions = [], []
     for i in range(batch):
@@ -354,10 +364,20 @@ def sample_batch(pipe, config: TrainConfig, step: int, *, frames: int, batch: in
         clip = procedural.render(spec, frames, config.height, config.width, start_frame=start)
         videos.append(torch.from_numpy(clip).permute(3, 0, 1, 2) * 2.0 - 1.0)  # [3, F, H, W] in [-1, 1]
         captions.append("" if rng.random() < config.caption_dropout else procedural.caption(spec))
-    latents = pipe.vae.encode(torch.stack(videos)).latent_dist.mode()
-    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
-    return (latents - mean) / std, captions
+    return torch.stack(videos), captions
+
+
+def encode_videos(pipe, videos: torch.Tensor) -> torch.Tensor:
+    """Pixels ``[B, 3, F, H, W]`` in [-1, 1] -> VAE latents normalised as the Wan pipelines do, ``(z - mean) / std``.
+
+    The result is on the VAE's device and dtype (``[B, z_dim, T', H', W']``).
+    """
+    param = next(pipe.vae.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (pipe.device, pipe.dtype)
+    latents = pipe.vae.encode(videos.to(device=device, dtype=dtype)).latent_dist.mode()
+    mean = torch.tensor(pipe.vae.config.latents_mean, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std, device=device, dtype=dtype).view(1, -1, 1, 1, 1)
+    return (latents - mean) / std
 
 
 def flow_matching_loss(
@@ -382,6 +402,8 @@ def flow_matching_loss(
     if pure_noise_fraction > 0:  # drawn only then, so runs without it keep their exact random stream
         sigma = torch.where(torch.rand(b, generator=generator) < pure_noise_fraction, 1.0, sigma)
     noise = torch.randn(latents.shape, generator=generator)
+    # Drawn on the CPU (``generator``'s device) so the stream does not depend on where the model runs.
+    sigma, noise = sigma.to(latents), noise.to(latents)
     s = sigma.view(b, 1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
     pred = transformer(noisy, sigma * 1000.0, context, return_dict=False)[0]
