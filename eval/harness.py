@@ -84,6 +84,9 @@ class EvalJob:
         method: Canonical method spec (:func:`~vidsparse.eval.specs.canonical_spec`); ``None`` for the dense
             reference (stock attention).
         note: Why ``--densities`` did not apply to this method (reports print it); not part of the identity.
+        lora: A LoRA folder loaded into the model (``--lora``), or ``None``.
+        lora_digest: SHA-256 (first 12 hex digits) of its weights file: a retrained LoRA in the same folder is a
+            new model, so its runs get new ids.
     """
 
     model: str
@@ -99,6 +102,8 @@ class EvalJob:
     device_type: str
     method: str | None = None
     note: str | None = None
+    lora: str | None = None
+    lora_digest: str | None = None
 
     @property
     def is_dense(self) -> bool:
@@ -117,6 +122,8 @@ class EvalJob:
         """What defines the run (everything but the note); the method as its full config dict."""
         fields = dataclasses.asdict(self)
         fields.pop("note")
+        if self.lora is None:  # runs without a LoRA keep the ids they had before the field existed
+            fields.pop("lora"), fields.pop("lora_digest")
         config = self.config()
         fields["method"] = None if config is None else config.to_dict()
         return fields
@@ -164,8 +171,13 @@ def plan_jobs(
     dtype: str,
     device_type: str,
     model_seed: int = 0,
+    lora: str | None = None,
+    lora_digest: str | None = None,
 ) -> list[EvalJob]:
-    """The sweep's jobs: per prompt × seed the dense reference first, then one job per method configuration."""
+    """The sweep's jobs: per prompt × seed the dense reference first, then one job per method configuration.
+
+    ``lora`` / ``lora_digest``: the LoRA every job loads into the model (see :class:`EvalJob`).
+    """
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt (--prompts FILE holds one per line).")
     if not seeds:
@@ -185,6 +197,8 @@ def plan_jobs(
                 guidance_scale=float(geometry.guidance_scale),
                 dtype=dtype,
                 device_type=device_type,
+                lora=lora,
+                lora_digest=lora_digest,
             )
             jobs.append(base)
             jobs.extend(dataclasses.replace(base, method=m.spec, note=m.note) for m in methods)
@@ -283,12 +297,14 @@ class Runner:
     def _default_load(self, job: EvalJob) -> Any:
         from vidsparse.commands.common import DTYPES, load_pipeline
 
-        pipe, _ = load_pipeline(job.model, device=self.device, dtype=DTYPES[job.dtype], seed=job.model_seed)
+        pipe, _ = load_pipeline(
+            job.model, device=self.device, dtype=DTYPES[job.dtype], seed=job.model_seed, lora=job.lora
+        )
         return pipe
 
     def pipeline(self, job: EvalJob) -> Any:
-        """The pipeline of ``job`` (loaded once per model / weights seed / dtype)."""
-        key = (job.model, job.model_seed, job.dtype)
+        """The pipeline of ``job`` (loaded once per model / weights seed / dtype / LoRA)."""
+        key = (job.model, job.model_seed, job.dtype, job.lora, job.lora_digest)
         if key != self._pipe_key:
             self._pipe = None  # free the previous one first
             self._pipe = self._load(job)

@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.calibrate",
     "vidsparse.commands.bench",
     "vidsparse.commands.train_tiny",
+    "vidsparse.commands.finetune",
     "vidsparse.commands.env",
 ]
 

@@ -56,6 +56,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_lora_arg(parser: argparse.ArgumentParser) -> None:
+    """``--lora DIR``: a LoRA folder in diffusers' format (``vidsparse finetune`` writes one) loaded into the model."""
+    parser.add_argument(
+        "--lora",
+        metavar="DIR",
+        default=None,
+        help="load this LoRA (a `vidsparse finetune` run folder or any diffusers LoRA folder) into the model",
+    )
+
+
 def add_method_args(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_METHOD) -> None:
     """``--method`` and the shared method options; ``--opt key=value`` for method-specific ones."""
     parser.add_argument(
@@ -106,8 +116,12 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pipeline(model: str | None, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[Any, str]:
+def load_pipeline(
+    model: str | None, *, device: torch.device, dtype: torch.dtype, seed: int = 0, lora: str | None = None
+) -> tuple[Any, str]:
     """Load ``--model``: ``tiny-<name>`` builds an offline pipeline; anything else goes to ``from_pretrained``.
+
+    ``lora``: a LoRA folder (``--lora``) loaded with the pipeline's ``load_lora_weights``.
 
     Returns:
         ``(pipeline, name)`` with the pipeline on ``device`` in ``dtype``.
@@ -124,6 +138,10 @@ def load_pipeline(model: str | None, *, device: torch.device, dtype: torch.dtype
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    if lora is not None:
+        from vidsparse.pipelines.finetune import load_lora
+
+        load_lora(pipe, lora)
     pipe.to(device=device)
     pipe.set_progress_bar_config(leave=False)
     return pipe, model

@@ -35,7 +35,7 @@ from vidsparse.eval.distributed import (
 )
 from vidsparse.eval.specs import default_methods
 
-from .common import add_model_args, load_pipeline, resolve_device, resolve_dtype
+from .common import add_lora_arg, add_model_args, load_pipeline, resolve_device, resolve_dtype
 
 #: Paths ``--force`` deletes in the output directory (only what ``vidsparse eval`` writes there).
 OWNED_PATHS = ("runs", "refs", "clips", "plots", "report.json", "report.md", "index.html")
@@ -73,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     """The sweep's options (model, methods, prompts, geometry, output, robustness)."""
     add_model_args(p)
+    add_lora_arg(p)
     p.add_argument(
         "--methods",
         nargs="+",
@@ -133,6 +134,19 @@ def read_prompts(path: str | None) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompts {path!r} holds no prompt (one per line; '#' starts a comment).")
     return prompts
+
+
+def lora_identity(path: str | None) -> tuple[str | None, str | None]:
+    """``--lora``: (absolute folder, SHA-256 prefix of its weights file), or ``(None, None)`` without one."""
+    import hashlib
+
+    from vidsparse.pipelines.finetune import LORA_WEIGHT_NAME, check_lora_folder
+
+    if path is None:
+        return None, None
+    checked = check_lora_folder(path).resolve()
+    weights = checked if checked.is_file() else checked / LORA_WEIGHT_NAME
+    return str(checked), hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
 def check_out_dir(out: Path, *, resume: bool, force: bool) -> None:
@@ -200,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if repeats < 1:
         raise ValueError(f"--repeats {repeats} is invalid: expected an integer >= 1.")
     model = args.model or f"tiny-{default_model_name()}"
+    lora, lora_digest = lora_identity(args.lora)
     d = defaults_for(model)
     geometry = Geometry(
         frames=args.frames or d.frames,
@@ -228,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolved = {
         "model": model,
+        "lora": lora,
         "seed": args.seed,
         "seeds": seeds,
         "methods": [m.spec for m in method_runs],
@@ -254,11 +270,13 @@ def run(args: argparse.Namespace) -> int:
         dtype=dtype_name,
         device_type=device.type,
         model_seed=args.seed,
+        lora=lora,
+        lora_digest=lora_digest,
     )
     mine = shard_jobs(jobs, processes.index, processes.count)
 
     def load(job):
-        pipe, _ = load_pipeline(job.model, device=device, dtype=dtype, seed=job.model_seed)
+        pipe, _ = load_pipeline(job.model, device=device, dtype=dtype, seed=job.model_seed, lora=job.lora)
         check_frames(pipe, job.frames)
         return pipe
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from vidsparse.eval.video_io import write_video
 from vidsparse.integration import apply
 
-from .common import add_method_args, add_model_args, load_pipeline, method_config, resolve_device, resolve_dtype
+from .common import (
+    add_lora_arg,
+    add_method_args,
+    add_model_args,
+    load_pipeline,
+    method_config,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p)
+    add_lora_arg(p)
     add_method_args(p)
     p.add_argument("--prompt", default=None, help="text prompt (default: the model's example prompt)")
     p.add_argument("--negative-prompt", default="")
@@ -53,14 +62,17 @@ def check_frames(pipe, frames: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render and write the clip; print time, steps and the measured density."""
+    from vidsparse.pipelines.finetune import check_lora_folder
     from vidsparse.pipelines.support import generation_kwargs
     from vidsparse.pipelines.tiny import defaults_for
 
     config = method_config(args)  # validate options before the (slow) model load
+    if args.lora is not None:
+        check_lora_folder(args.lora)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    pipe, model = load_pipeline(args.model, device=device, dtype=dtype, seed=args.seed)
+    pipe, model = load_pipeline(args.model, device=device, dtype=dtype, seed=args.seed, lora=args.lora)
     load_s = time.perf_counter() - t0
     d = defaults_for(model)
     frames = args.frames or d.frames
@@ -91,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         write_video(args.gif, frames_np, fps=args.fps)
     summary = handle.summary() if handle else None
     method = "stock attention" if config is None else config.method
-    print(f"model      {model} ({type(pipe).__name__}, {dtype}, {device})")
+    lora_note = f" + LoRA {args.lora}" if args.lora else ""
+    print(f"model      {model} ({type(pipe).__name__}, {dtype}, {device}){lora_note}")
     print(f"clip       {frames_np.shape[0]} frames {frames_np.shape[2]}x{frames_np.shape[1]}, {steps} steps")
     print(f"method     {method}")
     if summary:
