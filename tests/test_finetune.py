@@ -233,3 +233,26 @@ def test_cli_refuses_to_mix_runs(trained, capsys, monkeypatch):
     assert "--resume" in capsys.readouterr().err
     assert main(["finetune", str(out), "--resume", "--rank", "8"]) == 2
     assert "only --steps may change" in capsys.readouterr().err
+
+
+def test_cli_minutes_budget_then_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["finetune", str(out), "--frames", "5", "--height", "16", "--width", "16", "--rank", "2", "--quiet"]
+    assert main([*base, "--steps", "50", "--minutes", "1e-6"]) == 0  # the budget ends after the first step
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 1 and not summary["done"]
+    assert (out / F.LORA_WEIGHT_NAME).is_file() and not (out / ".lora-tmp").exists()
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporary file
+    assert main([*base, "--steps", "2", "--resume"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["done"]
+    assert [json.loads(line)["step"] for line in (out / F.LOG_NAME).read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("command", [["render"], ["eval", "--out", "r"]])
+def test_lora_flag_without_weights_is_one_line_error(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--lora", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--lora '{tmp_path}' holds no {F.LORA_WEIGHT_NAME}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
