@@ -169,8 +169,9 @@ def sparse_training_config(config: SparseConfig, backend: str | None, device: to
 def check_backward(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
     """Check that executor ``backend`` has a backward that agrees with the ``reference`` executor's autograd.
 
-    A small banded plan (200 tokens, blocks of 64, a partial tail block) on ``device``; q/k/v gradients of a random
-    projection of the output are compared. Runs in well under a second (the cpp kernel may compile first).
+    A small banded plan with a sink block (batch 2, 2 heads, 1000 tokens: 16 blocks of 64, the last one partial) on
+    ``device``, long enough for the executors' multi-block paths (gather's windows merged by LSE); q/k/v gradients of
+    a random projection of the output are compared. Runs in well under a second (the cpp kernel may compile first).
 
     Raises:
         ValueError: the executor fails in backward or its gradients disagree (the message names the backend).
@@ -179,11 +180,11 @@ def check_backward(backend: str, device: torch.device, dtype: torch.dtype = torc
     from vidsparse.plan import BlockPlan
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 200, 2, 16, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    weight = torch.randn(1, 200, 2, 16, generator=gen).to(device=device, dtype=dtype)
-    blocks = torch.arange(4)
-    mask = ((blocks[:, None] - blocks[None, :]).abs() <= 1) | (blocks[None, :] == 0)
-    plan = BlockPlan.from_block_mask(mask.to(device), block_size=64, seq_len=200)
+    shape = (2, 1000, 2, 16)
+    q, k, v, weight = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
+    blocks = torch.arange(16)
+    mask = ((blocks[:, None] - blocks[None, :]).abs() <= 2) | (blocks[None, :] == 0)
+    plan = BlockPlan.from_block_mask(mask.to(device), block_size=64, seq_len=1000)
 
     def grads(name: str) -> list[torch.Tensor]:
         inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
