@@ -117,10 +117,8 @@ class FinetuneConfig:
         check_int("warmup_steps", self.warmup_steps)
         check_int("batch", self.batch, minimum=1)
         check_int("frames", self.frames, minimum=1)
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 8 and value % 8 == 0):
-                raise ValueError(f"{name}={value!r} is invalid: expected a multiple of 8 (pixels), at least 8.")
+        check_int("height", self.height, minimum=1)  # the model's token size: check_geometry
+        check_int("width", self.width, minimum=1)
         check_fraction("caption_dropout", self.caption_dropout, low_open=False)
         if not 0.0 <= self.pure_noise_fraction < 1.0:
             raise ValueError(f"pure_noise_fraction={self.pure_noise_fraction!r} is invalid: expected 0 <= value < 1.")
@@ -324,6 +322,29 @@ def check_trainable(pipe: Any) -> None:
         raise ValueError("--model: image-to-video Wan transformers (image_dim set) are not supported by finetune.")
 
 
+def check_geometry(pipe: Any, config: FinetuneConfig) -> None:
+    """Refuse clip sizes the model cannot encode: frames ``t*k + 1``, height and width multiples of the token size.
+
+    ``t`` is the VAE's temporal factor; a token covers ``VAE spatial factor x patch size`` pixels (16 for Wan 2.1,
+    4 for the shapes model).
+
+    Raises:
+        ValueError: naming the flag, the value and what is allowed.
+    """
+    t = getattr(pipe, "vae_scale_factor_temporal", 1) or 1
+    if (config.frames - 1) % t:
+        below = (config.frames - 1) // t * t + 1
+        raise ValueError(
+            f"--frames {config.frames} is invalid for this model: frames must be {t}*k + 1 (e.g. {below} or "
+            f"{below + t})."
+        )
+    token = (getattr(pipe, "vae_scale_factor_spatial", 1) or 1) * pipe.transformer.config.patch_size[1]
+    for name in ("height", "width"):
+        value = getattr(config, name)
+        if value % token:
+            raise ValueError(f"--{name} {value} is invalid for this model: expected a multiple of {token} pixels.")
+
+
 def prediction_of(pipe: Any) -> str:
     """``"x0"`` when the pipeline's scheduler integrates x0 predictions (the shapes model), else ``"velocity"``."""
     from .flow_x0 import FlowMatchEulerX0Scheduler
@@ -477,6 +498,7 @@ def finetune(
 
     out = Path(out_dir)
     check_trainable(pipe)
+    check_geometry(pipe, config)
     resuming = check_run_folder(out, config, resume)
     if data is None and config.data is not None:
         data = ClipFolder(config.data, config.frames)

@@ -207,7 +207,7 @@ def test_bad_data_folders(tmp_path, make, message):
         (["--lr", "-1"], "lr=-1.0"),
         (["--alpha", "0"], "alpha=0.0"),
         (["--minutes", "0"], "--minutes 0"),
-        (["--height", "12"], "height=12"),
+        (["--height", "0"], "height=0"),
         (["--caption-dropout", "2"], "caption_dropout=2.0"),
         (["--method", "radial", "--dense-steps", "2"], "--dense-steps"),
         (["--backend", "reference"], "needs --method"),
@@ -256,3 +256,14 @@ def test_lora_flag_without_weights_is_one_line_error(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert f"--lora '{tmp_path}' holds no {F.LORA_WEIGHT_NAME}" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_geometry_the_model_cannot_encode_is_refused(tmp_path):
+    pipe = load_pipeline()
+    with pytest.raises(ValueError, match=r"--frames 8 is invalid for this model: frames must be 2\*k \+ 1"):
+        F.finetune(tmp_path, config(frames=8), pipe, progress=False)
+    # A token of the shapes model covers 4x4 pixels (pixel-shuffle VAE x2, patch 2).
+    F.check_geometry(pipe, config(height=36, width=20))
+    with pytest.raises(ValueError, match="--width 42 is invalid for this model: expected a multiple of 4 pixels"):
+        F.check_geometry(pipe, config(width=42))
+    assert not list(tmp_path.iterdir())

@@ -57,7 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every flag, load the model, train (or resume); print a JSON summary."""
-    from vidsparse.commands.render import check_frames
     from vidsparse.pipelines import finetune as F
     from vidsparse.pipelines.tiny import default_model_name, defaults_for
 
@@ -90,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         batch=args.batch,
-        frames=args.frames or d.frames,
-        height=args.height or d.height,
-        width=args.width or d.width,
+        frames=d.frames if args.frames is None else args.frames,
+        height=d.height if args.height is None else args.height,
+        width=d.width if args.width is None else args.width,
         seed=args.seed,
         data=args.data,
         caption_dropout=args.caption_dropout,
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipe, _ = load_pipeline(model, device=device, dtype=dtype, seed=args.seed)
     F.check_trainable(pipe)
-    check_frames(pipe, config.frames)
+    F.check_geometry(pipe, config)
     summary = F.finetune(
         args.out, config, pipe, resume=args.resume, max_minutes=args.minutes, progress=not args.quiet, data=data
     )
