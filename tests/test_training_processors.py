@@ -9,7 +9,8 @@ generation), then the transformer is called in train mode with gradients:
   gradient, and the gradients differ from the dense ones (the plan is in the graph, not bypassed);
 - a training call is not a denoising step: no counter moves, ``dense_steps`` / ``dense_last_steps`` do not apply,
   ``dense_above_timestep`` decides on the batch's largest timestep, nothing is reused between calls, and planning runs
-  without gradients on detached q/k.
+  without gradients on detached q/k;
+- under gradient checkpointing the recomputed blocks plan again and the gradients are unchanged.
 
 The executor is ``reference`` (SDPA with the plan's dense mask: its autograd is the specification), the one executor
 with a backward in this tree (``gather`` writes into reused buffers with ``out=``, which autograd refuses);
@@ -198,3 +199,21 @@ def test_training_plans_afresh_without_gradients(monkeypatch: pytest.MonkeyPatch
         # method at inference searches once and reuses it), and nothing was stored for later calls.
         assert layers > 0 and seen == [(False, False)] * (2 * layers)
         assert handle.runtime.stores == {} and handle.runtime.shared_stores == {}
+
+
+def test_gradient_checkpointing_replans_the_same_plan() -> None:
+    """Under diffusers' gradient checkpointing the backward re-runs each block: the processor plans again from the
+    same q/k (a dynamic method: the same blocks), so the gradients equal those without checkpointing."""
+    cap = captured("wan")
+    with vidsparse.apply(cap.transformer, tiny_method_config("moba"), backend=BACKEND) as handle:
+        loss, plain = cap.gradients()
+        calls = len(sparse_calls(handle))
+        handle.clear_stats()
+        cap.transformer.enable_gradient_checkpointing()
+        try:
+            ckpt_loss, checkpointed = cap.gradients()
+        finally:
+            cap.transformer.disable_gradient_checkpointing()
+        assert calls > 0 and len(sparse_calls(handle)) == 2 * calls  # forward + recomputation in the backward
+    assert ckpt_loss == pytest.approx(loss, rel=1e-6)
+    assert_same_gradients(checkpointed, plain, rtol=1e-3, atol=1e-4)
