@@ -452,6 +452,7 @@ def bench_e2e_config(
     *,
     layers: int = 2,
     grid: tuple[int, int, int] | None = None,
+    schedule_steps: int | None = None,
     bound_densities: Sequence[float] = BOUND_DENSITIES,
     repeats: int = 1,
     device: str | torch.device = "cpu",
@@ -476,7 +477,7 @@ def bench_e2e_config(
     the method's own dense warm-up (dense steps, dense layers of the full depth, timestep rule) gives the
     generation's effective density and ``schedule_bound``; ``predicted_speedup`` = ``fraction_of_bound`` x
     ``schedule_bound``, which assumes the dense steps run as fast as the dense step measured here. ``bounds``
-    holds the schedule bound at each of ``bound_densities``.
+    holds the schedule bound at each of ``bound_densities``. ``schedule_steps`` replaces the pipeline's step count.
 
     Returns:
         ``{..., "model": {...}, "tokens", "attention_share", "bounds": [{"method", "density",
@@ -496,7 +497,8 @@ def bench_e2e_config(
     if dtype != torch.float32:  # diffusers warns on any dtype cast, float32 included
         model = model.to(dtype=dtype)
     inputs = forward_inputs(shape, model, grid, device=device, dtype=dtype)
-    timesteps = schedule_timesteps(shape.steps, shape.shift)
+    steps = schedule_steps or shape.steps
+    timesteps = schedule_timesteps(steps, shape.shift)
     say = progress or (lambda _line: None)
 
     def step() -> None:
@@ -517,7 +519,7 @@ def bench_e2e_config(
         for config in configs:
             for density in bound_densities:
                 effective = schedule_effective_density(
-                    config, density, depth=shape.depth, steps=shape.steps, timesteps=timesteps, tokens=tokens
+                    config, density, depth=shape.depth, steps=steps, timesteps=timesteps, tokens=tokens
                 )
                 bounds.append(
                     {
@@ -546,7 +548,7 @@ def bench_e2e_config(
             step_bound = amdahl_bound(share, density)
             fraction = step_speedup / step_bound
             effective = schedule_effective_density(
-                config, density, depth=shape.depth, steps=shape.steps, timesteps=timesteps, tokens=tokens
+                config, density, depth=shape.depth, steps=steps, timesteps=timesteps, tokens=tokens
             )
             schedule_bound = amdahl_bound(share, effective)
             rows.append(
@@ -570,7 +572,7 @@ def bench_e2e_config(
             say(
                 f"{canonical_spec(config):28s} density {density:.3f}  dense {dense_ms:8.1f} ms  sparse {sparse_ms:8.1f}"
                 f" ms  step speed-up {step_speedup:5.2f}x (bound {step_bound:5.2f}x, fraction {fraction:.2f});"
-                f" {shape.steps}-step schedule: effective density {effective:.3f}, bound {schedule_bound:5.2f}x"
+                f" {steps}-step schedule: effective density {effective:.3f}, bound {schedule_bound:5.2f}x"
             )
     return {
         **environment(device),
@@ -590,7 +592,7 @@ def bench_e2e_config(
         "geometry": list(grid),
         "tokens": tokens,
         "text_tokens": shape.text_tokens,
-        "schedule": {"steps": shape.steps, "shift": shape.shift},
+        "schedule": {"steps": steps, "shift": shape.shift},
         "repeats": repeats,
         "attention_share": share,
         "bounds": bounds,

@@ -80,18 +80,20 @@ def test_fitted_exponent_of_a_power_law():
     assert fitted_exponent([1000], [1.0]) is None
 
 
-@pytest.mark.parametrize("name", ["wan2.1-1.3b", "cogvideox-5b"])
-def test_bench_e2e_config_json(tmp_path, name):
+@pytest.mark.parametrize(("name", "steps"), [("wan2.1-1.3b", None), ("cogvideox-5b", 20)])
+def test_bench_e2e_config_json(tmp_path, name, steps):
     path = tmp_path / "e.json"
     argv = ["bench", "e2e", "--config", name, "--layers", "1", "--geometry", "2x8x16", "--methods", "radial"]
+    argv += [] if steps is None else ["--steps", str(steps)]
     argv += ["--density", "0.5", "--block-size", "64", "--threads", "1", "--repeats", "1", "--quiet"]
     assert run_cli([*argv, "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     shape = get_shape(name)
+    steps = steps or shape.steps  # --steps replaces the pipeline's schedule length
     model = report["model"]
     assert model["source"] == shape.source and model["class"] == shape.model_class
     assert model["layers"] == 1 and model["depth"] == shape.depth and model["config"]["num_layers"] == 1
-    assert report["tokens"] == 256 and report["schedule"]["steps"] == shape.steps
+    assert report["tokens"] == 256 and report["schedule"]["steps"] == steps
     share = report["attention_share"]
     assert 0 < share < 1
     assert [b["density"] for b in report["bounds"]] == [0.1, 0.25, 0.5]
@@ -112,8 +114,8 @@ def test_bench_e2e_config_json(tmp_path, name):
         config,
         row["density"],
         depth=shape.depth,
-        steps=shape.steps,
-        timesteps=schedule_timesteps(shape.steps, shape.shift),
+        steps=steps,
+        timesteps=schedule_timesteps(steps, shape.shift),
         tokens=256,
     )
     assert math.isclose(row["schedule_effective_density"], effective, rel_tol=1e-9)

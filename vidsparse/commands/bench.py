@@ -94,7 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--heads", type=int, default=None, help="attention heads (default: 2; not with --config)")
     e.add_argument("--head-dim", type=int, default=None, help="head dimension (default: 64; not with --config)")
     _add_config_args(e)
-    e.add_argument("--steps", type=int, default=4, help="denoising steps per generation (default: %(default)s)")
+    e.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps per generation (default: 4; with --config the steps of the schedule the warm-up is "
+        "counted over, default the checkpoint pipeline's, e.g. 50)",
+    )
     e.add_argument("--repeats", type=int, default=1, help="timed generations per measurement (default: 1)")
     e.set_defaults(func=run_e2e)
 
@@ -261,7 +267,7 @@ def run_e2e(args: argparse.Namespace) -> int:
         layers=args.layers or 4,
         heads=args.heads,
         head_dim=args.head_dim,
-        steps=args.steps,
+        steps=args.steps or 4,
         repeats=args.repeats,
         device=device,
         dtype=dtype,
@@ -291,6 +297,7 @@ def run_e2e_config(args: argparse.Namespace) -> int:
         [run.config for run in runs],
         layers=args.layers or 2,
         grid=parse_geometry(args.geometry) if args.geometry else None,
+        schedule_steps=args.steps,
         bound_densities=args.bound_densities,
         repeats=args.repeats,
         device=device,
