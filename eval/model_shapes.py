@@ -220,8 +220,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
                 "attention_bias": True,
                 "attention_out_bias": True,
             },
-            "768x512x121",  # VAE 8x32x32: latent 16 x 16 x 24, no patchify
-            (16, 16, 24),
+            "704x512x161",  # LTXPipeline's defaults; VAE 8x32x32: latent 21 x 16 x 22, no patchify
+            (21, 16, 22),
             128,
         ),
         ModelShape(
@@ -242,7 +242,7 @@ MODEL_SHAPES: dict[str, ModelShape] = {
                 "activation_fn": "swiglu",
                 "max_sequence_length": 256,
             },
-            "848x480x163",  # VAE 6x8x8: latent 28 x 60 x 106, patch 2x2
+            "848x480x163",  # the model card's 5.4 s at 30 fps; VAE 6x8x8: latent 28 x 60 x 106, patch 2x2
             (28, 30, 53),
             256,
             steps=64,
