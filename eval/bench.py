@@ -393,6 +393,7 @@ def bench_e2e(
         **environment(device),
         "dtype": str(dtype).replace("torch.", ""),
         "model": {
+            "kind": "synthetic (Wan 2.1 blocks, narrow and shallow; not a real checkpoint's widths)",
             "class": "WanTransformer3DModel",
             **E2E_MODEL,
             "num_layers": layers,
@@ -406,3 +407,330 @@ def bench_e2e(
         "attention_share": share,
         "results": rows,
     }
+
+
+# ---------------------------------------------------------------------------------- end to end at a real model shape
+#: Densities the Amdahl bound is reported at by :func:`bench_e2e_config` (besides each measured density).
+BOUND_DENSITIES: tuple[float, ...] = (0.1, 0.25, 0.5)
+
+
+def schedule_effective_density(
+    config: SparseConfig, density: float, *, depth: int, steps: int, timesteps: Sequence[float], tokens: int
+) -> float:
+    """Mean density of the self-attention calls of a whole generation under ``config``'s dense warm-up.
+
+    The same rules as the runtime's dense/sparse decision (:meth:`vidsparse.hooks.SparseRuntime.dense_reason`),
+    applied to a schedule instead of a live call: dense steps first and last, the first ``dense_layers`` of the
+    model's ``depth`` layers, steps whose timestep is above ``dense_above_timestep``, and every call when the video
+    has fewer than ``min_tokens`` tokens. Dense calls count 1, sparse calls ``density``.
+
+    Args:
+        timesteps: The schedule's timesteps (one per step, 0..1000).
+    """
+    from vidsparse.config import resolve_step_count
+
+    first = resolve_step_count(config.dense_steps, steps)
+    last = resolve_step_count(config.dense_last_steps, steps)
+    sparse_layers = max(0, depth - config.dense_layers) if tokens >= config.min_tokens else 0
+    total = 0.0
+    for step, t in enumerate(timesteps):
+        dense_step = step < first or step >= steps - last
+        if config.dense_above_timestep is not None and t > config.dense_above_timestep:
+            dense_step = True
+        total += depth if dense_step else (depth - sparse_layers) + sparse_layers * density
+    return total / (steps * depth)
+
+
+def all_sparse(config: SparseConfig) -> SparseConfig:
+    """``config`` without its dense warm-up: every call sparse (what one measured sparse step needs)."""
+    return config.replace(dense_steps=0, dense_last_steps=0, dense_layers=0, dense_above_timestep=None, min_tokens=0)
+
+
+def bench_e2e_config(
+    shape_name: str,
+    configs: Sequence[SparseConfig],
+    *,
+    layers: int = 2,
+    grid: tuple[int, int, int] | None = None,
+    schedule_steps: int | None = None,
+    bound_densities: Sequence[float] = BOUND_DENSITIES,
+    repeats: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """One denoiser step of a real checkpoint's transformer, dense vs each method, and what a generation can gain.
+
+    The model is the checkpoint's diffusers class with every width of its published config
+    (:mod:`vidsparse.eval.model_shapes`) and ``layers`` blocks; the inputs have the published shape's token count
+    (or ``grid``). Measured at that shape, in one process:
+
+    - ``attention_share``: time in the self-attention kernel (torch SDPA with equal query and key lengths: joint
+      text included, cross-attention not) / time of the whole denoiser call, over ``repeats`` dense calls after a
+      warm-up;
+    - per method: ``repeats`` rounds of (one dense step, apply the method with every call sparse, one untimed
+      sparse step that compiles and searches cached patterns, one timed sparse step), so load drift hits both;
+      ``step_speedup`` = median dense / median sparse, against ``step_bound`` = Amdahl at the measured density;
+      ``fraction_of_bound`` = their ratio.
+
+    Counted, not measured: the **schedule** (``steps`` of the checkpoint's pipeline, e.g. 50, with its flow shift):
+    the method's own dense warm-up (dense steps, dense layers of the full depth, timestep rule) gives the
+    generation's effective density and ``schedule_bound``; ``predicted_speedup`` = ``fraction_of_bound`` x
+    ``schedule_bound``, which assumes the dense steps run as fast as the dense step measured here. ``bounds``
+    holds the schedule bound at each of ``bound_densities``. ``schedule_steps`` replaces the pipeline's step count.
+
+    Returns:
+        ``{..., "model": {...}, "tokens", "attention_share", "bounds": [{"method", "density",
+        "effective_density", "schedule_bound", "step_bound"}], "results": [{"method", "spec", "config", "density",
+        "dense_ms", "sparse_ms", "step_speedup", "step_bound", "fraction_of_bound", "schedule_effective_density",
+        "schedule_bound", "predicted_speedup", "sparse_calls", "calls"}]}``.
+    """
+    import vidsparse
+
+    from .model_shapes import build_model, forward_inputs, get_shape, schedule_timesteps
+
+    shape = get_shape(shape_name)
+    device = torch.device(device)
+    grid = tuple(grid or shape.grid)
+    tokens = grid[0] * grid[1] * grid[2]
+    model = build_model(shape, layers).to(device=device)
+    if dtype != torch.float32:  # diffusers warns on any dtype cast, float32 included
+        model = model.to(dtype=dtype)
+    inputs = forward_inputs(shape, model, grid, device=device, dtype=dtype)
+    steps = schedule_steps or shape.steps
+    timesteps = schedule_timesteps(steps, shape.shift)
+    say = progress or (lambda _line: None)
+
+    def step() -> None:
+        model(**inputs, return_dict=False)
+
+    rows: list[dict[str, Any]] = []
+    with torch.no_grad():
+        step()  # warm-up
+        with _SelfAttentionTimer(device) as attention:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            synchronize(device)
+            total_s = time.perf_counter() - start
+        share = attention.seconds / total_s
+        say(f"{shape.name}: {tokens} tokens, {layers} of {shape.depth} layers, attention share {share:.3f}")
+        bounds = []
+        for config in configs:
+            for density in bound_densities:
+                effective = schedule_effective_density(
+                    config, density, depth=shape.depth, steps=steps, timesteps=timesteps, tokens=tokens
+                )
+                bounds.append(
+                    {
+                        "method": config.method,
+                        "density": density,
+                        "effective_density": effective,
+                        "schedule_bound": amdahl_bound(share, effective),
+                        "step_bound": amdahl_bound(share, density),
+                    }
+                )
+        for config in configs:
+            dense_times, sparse_times, summary = [], [], {}
+            for _ in range(repeats):
+                dense_times.append(time_ms(step, device, repeats=1, warmup=0))
+                handle = vidsparse.apply(model, all_sparse(config))
+                try:
+                    step()  # untimed: compiles, fills the static plan cache, searches a cached pattern
+                    handle.clear_stats()
+                    sparse_times.append(time_ms(step, device, repeats=1, warmup=0))
+                    summary = handle.summary()
+                finally:
+                    handle.remove()
+            dense_ms, sparse_ms = statistics.median(dense_times), statistics.median(sparse_times)
+            density = summary["sparse_density"] or 1.0
+            step_speedup = dense_ms / sparse_ms
+            step_bound = amdahl_bound(share, density)
+            fraction = step_speedup / step_bound
+            effective = schedule_effective_density(
+                config, density, depth=shape.depth, steps=steps, timesteps=timesteps, tokens=tokens
+            )
+            schedule_bound = amdahl_bound(share, effective)
+            rows.append(
+                {
+                    "method": config.method,
+                    "spec": canonical_spec(config),
+                    "config": config.to_dict(),
+                    "density": density,
+                    "dense_ms": dense_ms,
+                    "sparse_ms": sparse_ms,
+                    "step_speedup": step_speedup,
+                    "step_bound": step_bound,
+                    "fraction_of_bound": fraction,
+                    "schedule_effective_density": effective,
+                    "schedule_bound": schedule_bound,
+                    "predicted_speedup": fraction * schedule_bound,
+                    "sparse_calls": summary["sparse_calls"],
+                    "calls": summary["calls"],
+                }
+            )
+            say(
+                f"{canonical_spec(config):28s} density {density:.3f}  dense {dense_ms:8.1f} ms  sparse {sparse_ms:8.1f}"
+                f" ms  step speed-up {step_speedup:5.2f}x (bound {step_bound:5.2f}x, fraction {fraction:.2f});"
+                f" {steps}-step schedule: effective density {effective:.3f}, bound {schedule_bound:5.2f}x"
+            )
+    return {
+        **environment(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "model": {
+            "kind": "real checkpoint config, random weights",
+            "name": shape.name,
+            "source": shape.source,
+            "class": shape.model_class,
+            "config": shape.config_with_layers(layers),
+            "layers": layers,
+            "depth": shape.depth,
+            "published_shape": shape.resolution,
+            "published_grid": list(shape.grid),
+            "notes": list(shape.notes),
+        },
+        "geometry": list(grid),
+        "tokens": tokens,
+        "text_tokens": shape.text_tokens,
+        "schedule": {"steps": steps, "shift": shape.shift},
+        "repeats": repeats,
+        "attention_share": share,
+        "bounds": bounds,
+        "results": rows,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ scaling with length
+#: Default token counts of :func:`bench_scaling` (each rounded to whole frames of the frame grid).
+SCALING_TOKENS: tuple[int, ...] = (8192, 16384, 32768, 65536, 131072)
+
+
+def plan_memory(plan: BlockPlan) -> dict[str, Any]:
+    """Bytes a plan holds and how much of its index list is padding (every row is padded to the longest, Kmax).
+
+    Returns:
+        ``{"bytes", "kv_idx_bytes", "kmax", "index_fill"}``; ``index_fill`` = used entries / allocated entries.
+    """
+    tensors = [plan.kv_num, plan.kv_idx] + ([plan.perm] if plan.perm is not None else [])
+    used = int(plan.kv_num.expand(plan.kv_idx.shape[:3]).sum())
+    return {
+        "bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "kv_idx_bytes": plan.kv_idx.numel() * plan.kv_idx.element_size(),
+        "kmax": plan.kv_idx.shape[-1],
+        "index_fill": used / max(1, plan.kv_idx.numel()),
+    }
+
+
+def fitted_exponent(tokens: Sequence[float], times: Sequence[float]) -> float | None:
+    """Slope of log(time) against log(tokens) by least squares (time ~ tokens^slope); None for fewer than 2 points."""
+    import math
+
+    if len(tokens) < 2:
+        return None
+    xs = [math.log(n) for n in tokens]
+    ys = [math.log(t) for t in times]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else None
+
+
+def bench_scaling(
+    configs: Sequence[SparseConfig],
+    tokens: Sequence[int] = SCALING_TOKENS,
+    *,
+    frame_grid: tuple[int, int] = (30, 52),
+    heads: int = 2,
+    head_dim: int = 64,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Attention time of dense SDPA and of each method as the video grows, with the fitted exponent of each curve.
+
+    Each token count becomes ``frames x H' x W'`` with the frame grid fixed (Wan 480p: 30 x 52) and frames =
+    round(tokens / (H' W')), so length grows along time, as longer videos do. At each length the rows of
+    :func:`bench_attention` (interleaved rounds of dense, planning, sparse) are measured with fewer rounds as the
+    length grows (``ceil(repeats x shortest / length)``, at least 1), plus each plan's memory (:func:`plan_memory`)
+    and, on CUDA, the executor's peak memory per call above its inputs.
+
+    Returns:
+        ``{..., "results": [bench_attention rows + "plan_memory", "executor_peak_bytes"], "curves": [{"name",
+        "tokens", "ms", "exponent"}]}``; the dense curve is the median of the dense timings at each length, a
+        method's curve is plan + sparse attention time.
+    """
+    import math
+
+    device = torch.device(device)
+    lengths = sorted({max(1, round(n / (frame_grid[0] * frame_grid[1]))) for n in tokens})
+    results: list[dict[str, Any]] = []
+    for frames in lengths:
+        layout = VideoLayout(frames, *frame_grid)
+        reps = max(1, math.ceil(repeats * lengths[0] / frames))
+        q, k, v = (x.to(device=device, dtype=dtype) for x in synthetic_qkv(layout, heads=heads, head_dim=head_dim))
+        with torch.no_grad():
+            rows = _bench_layout(configs, layout, q, k, v, reps, device, backend, progress)
+            for config, row in zip(configs, rows, strict=True):
+                plan = build_plan(config, q, k, layout, PlanContext())
+                row["plan_memory"] = plan_memory(plan)
+                row["repeats"] = reps
+                row["executor_peak_bytes"] = _executor_peak_bytes(q, k, v, plan, backend, device)
+        results.extend(rows)
+    curves = []
+    dense_by_length: dict[int, list[float]] = {}
+    for r in results:
+        dense_by_length.setdefault(r["tokens"], []).append(r["dense_ms"])
+    names = ["dense"] + [canonical_spec(c) for c in configs]
+    for name in names:
+        if name == "dense":
+            points = [(n, statistics.median(ms)) for n, ms in sorted(dense_by_length.items())]
+        else:
+            points = [(r["tokens"], r["plan_ms"] + r["attn_ms"]) for r in results if r["spec"] == name]
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        curves.append({"name": name, "tokens": xs, "ms": ys, "exponent": fitted_exponent(xs, ys)})
+    return {
+        **environment(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "frame_grid": list(frame_grid),
+        "heads": heads,
+        "head_dim": head_dim,
+        "results": results,
+        "curves": curves,
+    }
+
+
+def _executor_peak_bytes(q, k, v, plan: BlockPlan, backend: str, device: torch.device) -> int | None:
+    """Peak CUDA memory of one executor call above what was allocated before it (None off CUDA: not measured)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    block_sparse_attention(q, k, v, plan, backend=backend)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def write_scaling_plot(report: dict[str, Any], path: str) -> None:
+    """Log-log plot of the :func:`bench_scaling` curves (time vs tokens, fitted exponent in the legend) to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for curve in report["curves"]:
+        exponent = curve["exponent"]
+        label = curve["name"] + ("" if exponent is None else f" (slope {exponent:.2f})")
+        ax.loglog(
+            curve["tokens"], curve["ms"], marker="o", label=label, linestyle="--" if curve["name"] == "dense" else "-"
+        )
+    ax.set_xlabel("video tokens per attention call")
+    ax.set_ylabel("attention time per call (ms)")
+    ax.set_title(f"{report['heads']} heads x {report['head_dim']}, {report['device']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

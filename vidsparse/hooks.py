@@ -10,7 +10,11 @@ stateful :class:`~diffusers.hooks.ModelHook` on each transformer (the *root hook
   call :meth:`SparseRuntime.reset` between such generations;
 - the latent grid comes from the forward's ``hidden_states`` and the model's patch size (family adapter);
 - at the end of a generation the pipeline calls ``reset_state`` (``maybe_free_model_hooks``): counters restart and
-  per-layer method state (cached patterns) is dropped.
+  per-layer method state (cached patterns) is dropped;
+- a *training call* (the transformer in train mode with gradients enabled; pipelines run under ``torch.no_grad()``,
+  so a generation never is one) is not a denoising step: it advances no counter, the step rules (``dense_steps``,
+  ``dense_last_steps``) do not apply, the timestep rule (``dense_above_timestep``, on the largest timestep of the
+  batch) decides, and every call plans afresh (nothing is reused from an earlier call: each batch is a new sample).
 
 Both transformers of a Wan 2.2 two-expert pipeline share one :class:`SparseRuntime` and one ``StateManager``, so the
 step count continues when the pipeline switches experts.
@@ -63,6 +67,8 @@ class CallInfo:
         parallel_config: The transformer's diffusers ``ParallelConfig`` (set by ``enable_parallelism``), or None.
             Processors installed after ``enable_parallelism`` take it from here (diffusers only reaches the
             processors present when it is called).
+        training: A training call (see the module docstring): ``step`` is then 0 and means nothing, and
+            ``timestep`` is the largest of the batch.
     """
 
     model_index: int
@@ -72,6 +78,7 @@ class CallInfo:
     timestep: float | None
     grid: tuple[int, int, int] | None
     parallel_config: Any = None
+    training: bool = False
 
 
 @dataclass
@@ -124,9 +131,20 @@ class SparseRuntime:
 
     # ------------------------------------------------------------------------------------------ root hook
     def begin_call(
-        self, model_index: int, grid: tuple[int, int, int] | None, timestep: Any, parallel_config: Any = None
+        self,
+        model_index: int,
+        grid: tuple[int, int, int] | None,
+        timestep: Any,
+        parallel_config: Any = None,
+        training: bool = False,
     ) -> bool:
-        """Advance the step of the current context; returns True when the hook set a default context itself."""
+        """Advance the step of the current context; returns True when the hook set a default context itself.
+
+        A training call (``training=True``) advances nothing and is described by :meth:`training_call_info`.
+        """
+        if training:
+            self.current = self.training_call_info(model_index, grid, timestep, parallel_config)
+            return False
         own_context = self.state_manager._context is None
         if own_context:
             self.state_manager.set_context(CacheContext(DEFAULT_CONTEXT))
@@ -143,6 +161,23 @@ class SparseRuntime:
             ts = float(timestep)
         self.current = CallInfo(model_index, ctx.name, state.step, num_steps, ts, grid, parallel_config)
         return own_context
+
+    @staticmethod
+    def training_call_info(
+        model_index: int, grid: tuple[int, int, int] | None, timestep: Any, parallel_config: Any
+    ) -> CallInfo:
+        """The :class:`CallInfo` of a training call: no step, no context, the batch's largest timestep.
+
+        A training batch mixes noise levels (one timestep per sample, or per token for Wan 2.2 TI2V); the call runs
+        dense when any of them is above ``dense_above_timestep``, so no sample that the rule keeps dense is
+        trained sparse.
+        """
+        ts = None
+        if isinstance(timestep, torch.Tensor) and timestep.numel():
+            ts = float(timestep.detach().max())
+        elif isinstance(timestep, int | float):
+            ts = float(timestep)
+        return CallInfo(model_index, "training", 0, None, ts, grid, parallel_config, training=True)
 
     def end_call(self, own_context: bool) -> None:
         """Undo a default context set by :meth:`begin_call` (the step counter itself persists)."""
@@ -169,9 +204,13 @@ class SparseRuntime:
             reason = "dense_layers"
         else:
             ns = info.num_steps
-            if info.step < resolve_step_count(config.dense_steps, ns):
+            if not info.training and info.step < resolve_step_count(config.dense_steps, ns):
                 reason = "dense_steps"
-            elif ns is not None and info.step >= ns - resolve_step_count(config.dense_last_steps, ns):
+            elif (
+                not info.training
+                and ns is not None
+                and info.step >= ns - resolve_step_count(config.dense_last_steps, ns)
+            ):
                 reason = "dense_last_steps"
             elif (
                 config.dense_above_timestep is not None
@@ -211,8 +250,11 @@ class SparseRuntime:
         layer = attn._vidsparse_layer
         local_heads = q.shape[2]
         num_heads = local_heads if num_heads is None else num_heads
-        store = self.stores.setdefault((info.model_index, layer, info.context), {})
-        shared = self.shared_stores.setdefault((info.model_index, layer), {})
+        if info.training:  # each training batch is a new sample: nothing carries over from an earlier call
+            store, shared = {}, {}
+        else:
+            store = self.stores.setdefault((info.model_index, layer, info.context), {})
+            shared = self.shared_stores.setdefault((info.model_index, layer), {})
         ctx = PlanContext(
             layer=layer,
             step=info.step,
@@ -313,7 +355,8 @@ class VidSparseRootHook(ModelHook):
         grid = self.adapter.grid_from_forward(module, args, kwargs)
         timestep = kwargs.get("timestep", None)
         parallel_config = getattr(module, "_parallel_config", None)
-        self._own_context.append(self.runtime.begin_call(self.model_index, grid, timestep, parallel_config))
+        training = module.training and torch.is_grad_enabled()  # pipelines run under no_grad: never training
+        self._own_context.append(self.runtime.begin_call(self.model_index, grid, timestep, parallel_config, training))
         return args, kwargs
 
     @torch.compiler.disable

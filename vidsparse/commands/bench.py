@@ -2,15 +2,26 @@
 
 vidsparse bench attention --json a.json                   # every density-targeting method x 0.1/0.25/0.5, 14k + 32k
 vidsparse bench attention --methods radial moba:selection=topk --densities 0.25 --geometry 21x30x52 --threads 1
-vidsparse bench e2e --json e.json                         # WanTransformer3DModel, dense vs each method, Amdahl bound
+vidsparse bench e2e --json e.json                         # synthetic 4-layer Wan model (2 heads x 64, ffn 512)
+vidsparse bench e2e --config wan2.1-1.3b --layers 2      # a real checkpoint's widths at its published token count
+vidsparse bench scaling --json s.json                     # attention time vs length, 8k..128k tokens, log-log plot
 
 ``attention``: one attention call (B=1, 2 heads x 64 by default) per method and density: dense SDPA time, planning
 time, sparse attention time, speed-up = dense / (plan + sparse), ideal = 1/density, efficiency = speed-up / ideal.
 Medians after a warm-up; the first call (compile, plan search, executor preparation) is reported apart.
 
-``e2e``: a few denoising steps of an attention-dominated WanTransformer3DModel (real diffusers class, random
-weights), dense vs each method with its default warm-up; speed-up against the Amdahl bound from the measured
-attention share and the effective density (dense warm-up calls count 1).
+``e2e``: by default a few denoising steps of a *synthetic* attention-dominated WanTransformer3DModel (real
+diffusers class, random weights, 2 heads x 64, ffn_dim 512: its attention share is far above a real checkpoint's),
+dense vs each method with its default warm-up; speed-up against the Amdahl bound from the measured attention share
+and the effective density (dense warm-up calls count 1). With ``--config NAME`` (``wan2.1-1.3b``, ``wan2.1-14b``,
+``wan2.2-5b``, ``hunyuanvideo``, ``cogvideox-5b``, ``ltx-video``, ``mochi``, ...): the transformer of that real
+checkpoint (every width of its published config, ``--layers`` blocks, random weights) at its published token count
+(or ``--geometry``): the measured attention share, one dense and one all-sparse step per method, the fraction of the
+Amdahl bound the sparse step reaches, and the bound over the pipeline's real schedule (e.g. 50 steps) with the
+method's dense warm-up counted, at each of ``--bound-densities``.
+
+``scaling``: attention time of dense SDPA and each method at 8k..128k tokens (``--tokens``), fewer rounds at the
+long end, the fitted exponent of each curve, each plan's memory, and a log-log plot next to ``--json``.
 
 On a shared machine absolute times mean little: every number that matters is a ratio of timings taken back to back
 in one process. ``--threads 1`` avoids most of the cost an oversubscribed CPU adds to multi-threaded small
@@ -41,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=lambda _args: p.print_help() or 2)
-    inner = p.add_subparsers(dest="bench_command", metavar="{attention,e2e}")
+    inner = p.add_subparsers(dest="bench_command", metavar="{attention,e2e,scaling}")
 
     a = inner.add_parser("attention", help="one attention call per method x density x geometry")
     _add_common_args(a)
@@ -73,13 +84,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_E2E_DENSITY,
         help="density for methods with a density target (default: %(default)s)",
     )
-    e.add_argument("--geometry", default="9x30x52", metavar="TxHxW", help="latent token grid (default: 9x30x52)")
-    e.add_argument("--layers", type=int, default=4, help="transformer blocks (default: %(default)s)")
-    e.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
-    e.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
-    e.add_argument("--steps", type=int, default=4, help="denoising steps per generation (default: %(default)s)")
+    e.add_argument(
+        "--geometry",
+        default=None,
+        metavar="TxHxW",
+        help="latent token grid (default: 9x30x52; with --config the checkpoint's published shape)",
+    )
+    e.add_argument("--layers", type=int, default=None, help="transformer blocks (default: 4; with --config 2)")
+    e.add_argument("--heads", type=int, default=None, help="attention heads (default: 2; not with --config)")
+    e.add_argument("--head-dim", type=int, default=None, help="head dimension (default: 64; not with --config)")
+    _add_config_args(e)
+    e.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps per generation (default: 4; with --config the steps of the schedule the warm-up is "
+        "counted over, default the checkpoint pipeline's, e.g. 50)",
+    )
     e.add_argument("--repeats", type=int, default=1, help="timed generations per measurement (default: 1)")
     e.set_defaults(func=run_e2e)
+
+    s = inner.add_parser("scaling", help="attention time vs sequence length, dense and each method, fitted exponents")
+    _add_common_args(s)
+    _add_scaling_args(s)
+    s.set_defaults(func=run_scaling)
 
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +132,45 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU, bf16 on CUDA)")
     p.add_argument("--json", metavar="PATH", help="write the results to this JSON file (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _add_config_args(e: argparse.ArgumentParser) -> None:
+    """The ``e2e`` options of the real-checkpoint mode (``--config``)."""
+    from vidsparse.eval.bench import BOUND_DENSITIES
+    from vidsparse.eval.model_shapes import MODEL_SHAPES
+
+    e.add_argument(
+        "--config",
+        default=None,
+        metavar="NAME",
+        help="a real checkpoint's transformer config (random weights): " + ", ".join(MODEL_SHAPES),
+    )
+    e.add_argument(
+        "--bound-densities",
+        nargs="+",
+        type=float,
+        default=list(BOUND_DENSITIES),
+        help="with --config: densities the schedule's Amdahl bound is reported at (default: %(default)s)",
+    )
+
+
+def _add_scaling_args(s: argparse.ArgumentParser) -> None:
+    """The options of ``bench scaling``."""
+    from vidsparse.eval.bench import SCALING_TOKENS
+
+    s.add_argument(
+        "--tokens",
+        nargs="+",
+        type=int,
+        default=list(SCALING_TOKENS),
+        help="token counts, rounded to whole frames of --frame-grid (default: %(default)s)",
+    )
+    s.add_argument("--frame-grid", default="30x52", metavar="HxW", help="tokens per frame (default: 30x52, Wan 480p)")
+    s.add_argument("--density", type=float, default=DEFAULT_E2E_DENSITY, help="constant density (default: 0.25)")
+    s.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
+    s.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
+    s.add_argument("--repeats", type=int, default=3, help="rounds at the shortest length, fewer above (default: 3)")
+    s.add_argument("--backend", default="auto", help="executor: auto, cpp, gather, flex, triton (default: auto)")
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -189,20 +256,145 @@ def run_e2e(args: argparse.Namespace) -> int:
 
     _check_positive("layers", args.layers)
     _check_positive("steps", args.steps)
+    if args.config is not None:
+        return run_e2e_config(args)
+    args.heads = 2 if args.heads is None else args.heads
+    args.head_dim = 64 if args.head_dim is None else args.head_dim
     runs, device, dtype = _setup(args, [args.density])
     report = bench_e2e(
         [run.config for run in runs],
-        parse_geometry(args.geometry),
-        layers=args.layers,
+        parse_geometry(args.geometry or "9x30x52"),
+        layers=args.layers or 4,
         heads=args.heads,
         head_dim=args.head_dim,
-        steps=args.steps,
+        steps=args.steps or 4,
         repeats=args.repeats,
         device=device,
         dtype=dtype,
         progress=_progress(args),
     )
     return _finish(args, report, runs, e2e_table(report))
+
+
+def run_e2e_config(args: argparse.Namespace) -> int:
+    """``vidsparse bench e2e --config NAME``: a real checkpoint's transformer; print the tables, write ``--json``."""
+    from vidsparse.eval.attention_suite import parse_geometry
+    from vidsparse.eval.bench import bench_e2e_config
+    from vidsparse.eval.model_shapes import get_shape
+
+    get_shape(args.config)  # an unknown name fails before anything is built
+    for name in ("heads", "head_dim"):
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(args, name)!r} is invalid with --config: the checkpoint fixes it.")
+    for density in args.bound_densities:
+        if not 0 < density <= 1:
+            raise ValueError(f"--bound-densities {density!r} is invalid: expected numbers in (0, 1].")
+    args.heads = args.head_dim = None  # for _setup's checks (fixed by the config)
+    runs, device, dtype = _setup(args, [args.density])
+    report = bench_e2e_config(
+        args.config,
+        [run.config for run in runs],
+        layers=args.layers or 2,
+        grid=parse_geometry(args.geometry) if args.geometry else None,
+        schedule_steps=args.steps,
+        bound_densities=args.bound_densities,
+        repeats=args.repeats,
+        device=device,
+        dtype=dtype,
+        progress=_progress(args),
+    )
+    return _finish(args, report, runs, e2e_config_table(report))
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """``vidsparse bench scaling``: print the tables, write ``--json`` and the log-log plot next to it (``.png``)."""
+    from pathlib import Path
+
+    from vidsparse.eval.bench import bench_scaling, write_scaling_plot
+
+    for n in args.tokens:
+        if n < 1:
+            raise ValueError(f"--tokens {n!r} is invalid: expected integers >= 1.")
+    parts = args.frame_grid.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--frame-grid {args.frame_grid!r} is invalid: expected HxW latent tokens, e.g. 30x52.")
+    runs, device, dtype = _setup(args, [args.density])
+    report = bench_scaling(
+        [run.config for run in runs],
+        args.tokens,
+        frame_grid=(int(parts[0]), int(parts[1])),
+        heads=args.heads,
+        head_dim=args.head_dim,
+        repeats=args.repeats,
+        device=device,
+        dtype=dtype,
+        backend=args.backend,
+        progress=_progress(args),
+    )
+    if args.json:
+        plot = str(Path(args.json).with_suffix(".png"))
+        write_scaling_plot(report, plot)
+        report["plot"] = plot
+    return _finish(args, report, runs, scaling_table(report))
+
+
+def e2e_config_table(report: dict[str, Any]) -> str:
+    """Markdown tables of a :func:`~vidsparse.eval.bench.bench_e2e_config` report: measured step, schedule bounds."""
+    model = report["model"]
+    steps = report["schedule"]["steps"]
+    lines = [
+        f"{model['name']} ({model['source']}: {model['class']}, real widths, random weights), {model['layers']} of "
+        f"{model['depth']} layers, {report['tokens']} tokens (published {model['published_shape']}: "
+        f"{'x'.join(map(str, model['published_grid']))}); attention share {report['attention_share']:.3f}; device: "
+        f"{report['device']}, {report['cpu_threads']} threads, load average {_load(report)}",
+        "",
+        f"| method | density | dense step ms | sparse step ms | step speed-up | step bound | fraction of bound | "
+        f"{steps}-step effective density | {steps}-step bound | predicted {steps}-step speed-up |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['spec']} | {r['density']:.3f} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | "
+            f"{r['step_speedup']:.2f}x | {r['step_bound']:.2f}x | {r['fraction_of_bound']:.2f} | "
+            f"{r['schedule_effective_density']:.3f} | {r['schedule_bound']:.2f}x | {r['predicted_speedup']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Amdahl bound at attention share {report['attention_share']:.3f}, with each method's dense warm-up over "
+        f"{steps} steps:",
+        "",
+        "| method | density | effective density | schedule bound | all-sparse bound |",
+        "|:--|--:|--:|--:|--:|",
+    ]
+    for b in report["bounds"]:
+        lines.append(
+            f"| {b['method']} | {b['density']:.2f} | {b['effective_density']:.3f} | {b['schedule_bound']:.2f}x | "
+            f"{b['step_bound']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def scaling_table(report: dict[str, Any]) -> str:
+    """Markdown tables of a :func:`~vidsparse.eval.bench.bench_scaling` report: times per length, exponents."""
+    lines = [
+        f"{report['heads']} heads x {report['head_dim']}, frame grid {'x'.join(map(str, report['frame_grid']))}; "
+        f"device: {report['device']}, {report['cpu_threads']} threads, load average {_load(report)}",
+        "",
+        "| method | tokens | density | rounds | dense ms | plan + sparse ms | efficiency | plan KiB | index fill |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["results"]:
+        mem = r["plan_memory"]
+        lines.append(
+            f"| {r['spec']} | {r['tokens']} | {r['density']:.3f} | {r['repeats']} | {r['dense_ms']:.1f} | "
+            f"{r['plan_ms'] + r['attn_ms']:.1f} | {r['efficiency']:.2f} | {mem['bytes'] / 1024:.1f} | "
+            f"{mem['index_fill']:.2f} |"
+        )
+    lines += ["", "| curve | fitted exponent (time ~ tokens^k) |", "|:--|--:|"]
+    for c in report["curves"]:
+        lines.append(f"| {c['name']} | {'-' if c['exponent'] is None else format(c['exponent'], '.2f')} |")
+    return "\n".join(lines)
 
 
 def attention_table(report: dict[str, Any]) -> str:
@@ -229,7 +421,8 @@ def e2e_table(report: dict[str, Any]) -> str:
     """Markdown table of a :func:`~vidsparse.eval.bench.bench_e2e` report."""
     model = report["model"]
     lines = [
-        f"WanTransformer3DModel, {model['num_layers']} layers, {model['num_attention_heads']} heads x "
+        f"synthetic WanTransformer3DModel (not a checkpoint's widths: ffn_dim {model['ffn_dim']}), "
+        f"{model['num_layers']} layers, {model['num_attention_heads']} heads x "
         f"{model['attention_head_dim']}, {report['tokens']} tokens, {report['steps']} steps; attention share "
         f"{report['attention_share']:.3f}; device: {report['device']}, {report['cpu_threads']} threads, load average "
         f"{_load(report)}",

@@ -174,7 +174,28 @@ def build_plan(
 
     A new resolution in the same process gets a new plan (keys include the layout), unlike upstream Radial's
     single global mask.
+
+    Planning is not differentiable (block selection is a top-k / threshold over pooled scores): it runs under
+    ``torch.no_grad()`` on detached q/k, so in training no autograd graph is built for it and no gradient flows
+    through the choice of blocks; gradients flow through the attention the executor computes with the plan.
     """
+    with torch.no_grad():
+        return _build_plan(config, _detached(q), _detached(k), layout, ctx, device=device)
+
+
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
+
+
+def _build_plan(
+    config: SparseConfig,
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    layout: VideoLayout,
+    ctx: PlanContext | None,
+    *,
+    device: torch.device | str | None,
+) -> BlockPlan:
     spec = get_method(config.method)
     ctx = ctx or PlanContext()
     if q is not None and q.shape[1] != layout.seq_len:
