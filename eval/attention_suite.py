@@ -5,9 +5,9 @@ each method config plans and runs through the same executor, and the suite recor
 cosine similarity and planning time. This is the quality yardstick of methods on raw tensors (cheap, CPU-only).
 
 Next to every method's error the suite puts the **oracle**'s (:mod:`vidsparse.methods.oracle`): the top-mass block
-selection from the exact attention at the method's own measured density and in its own token order (the better of
-the per-row and per-head rules), and the ratio method error / oracle error. Oracle rows at each target density are
-added as references (``--no-oracle`` leaves all of that out).
+selection from the exact attention at the method's own measured density and in its own token order (the best of
+its per-row, per-head and head-adaptive rules), and the ratio method error / oracle error. Oracle rows at each
+target density are added as references (``--no-oracle`` leaves all of that out).
 
     vidsparse eval attention --json out.json          # every registered method x density
     python -m vidsparse.eval.attention_suite --methods radial:density=0.25 window:window=1 --json out.json
@@ -31,7 +31,7 @@ from vidsparse.methods.oracle import SCOPES, OracleConfig, exact_video_mass, for
 from vidsparse.plan import BlockPlan, finalize_plan
 
 from .specs import canonical_spec
-from .synthetic import DEFAULT_HEAD_MIX, output_error, synthetic_qkv
+from .synthetic import DEFAULT_HEAD_MIX, HEAD_MIXES, output_error, resolve_head_types, synthetic_qkv
 
 #: Default geometries (latent tokens): a short 480p-like clip and a small one.
 DEFAULT_GEOMETRIES: tuple[tuple[int, int, int], ...] = ((9, 30, 52),)
@@ -82,7 +82,7 @@ def oracle_error(
     order: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> dict[str, Any]:
-    """The oracle's error at ``density`` in token ``order``: the better of its per-row and per-head selections.
+    """The oracle's error at ``density`` in token ``order``: the best of its selection rules.
 
     Returns:
         ``{"density", "rel_l2", "cosine", "scope"}`` of the selection with the lower relative L2 error.
@@ -279,7 +279,8 @@ def add_suite_args(parser: argparse.ArgumentParser) -> None:
         "--head-types",
         nargs="+",
         default=list(DEFAULT_HEAD_MIX),
-        help="synthetic head types cycled over the heads (default: %(default)s)",
+        help=f"synthetic head types cycled over the heads, or one mix name ({', '.join(HEAD_MIXES)}); "
+        "default: %(default)s",
     )
     parser.add_argument("--json", help="write the rows to this JSON file")
 
@@ -293,6 +294,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     runs = expand_methods(args.methods or method_names(), args.densities)
     geometries = [parse_geometry(g) for g in args.geometry]
+    head_types = resolve_head_types(args.head_types)
     rows = run_suite(
         [r.config for r in runs],
         geometries,
@@ -301,7 +303,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         seed=args.seed,
         backend=args.backend,
         oracle_densities=None if args.no_oracle else args.densities,
-        head_types=tuple(args.head_types),
+        head_types=head_types,
     )
     notes_by_spec = {r.spec: r.note for r in runs}
     for row in rows:
@@ -321,7 +323,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 "head_dim": args.head_dim,
                 "seed": args.seed,
                 "backend": args.backend,
-                "head_types": list(args.head_types),
+                "head_types": list(head_types),
                 "oracle": not args.no_oracle,
                 "notes": notes,
                 "rows": rows,

@@ -32,7 +32,7 @@ def test_registered_as_reference_not_method():
         OracleConfig(density=None)
 
 
-@pytest.mark.parametrize("scope", ["row", "head"])
+@pytest.mark.parametrize("scope", ["row", "head", "adaptive"])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
 def test_density_tracks_target_and_invariants(scope, density):
     layout = VideoLayout(3, 10, 14, text_len=17)  # 420 video tokens: a partial last block shared with the text
@@ -45,6 +45,8 @@ def test_density_tracks_target_and_invariants(scope, density):
     target = max(density, forced)
     if scope == "head":
         assert plan.density() == pytest.approx(target, abs=0.5 / vb**2 + 1e-6)
+    elif scope == "adaptive":  # per head 0.5x to 1.5x the row budget, the forced text-shared row and column on top
+        assert 0.5 * density - 1 / vb <= plan.density() <= 1.5 * density + forced + 1 / vb
     else:
         assert target - 2 / vb <= plan.density() <= target + 0.5 / vb**2 + 1e-6
     dense = plan.to_dense_mask()[0, 0]
@@ -89,7 +91,7 @@ def test_plan_selects_from_the_exact_mass():
     ],
 )
 def test_oracle_error_at_most_the_methods(suite_inputs, geometry, spec):
-    """The oracle (best of its two rules) at a method's measured density and token order has no larger error."""
+    """The oracle (best of its three rules) at a method's measured density and token order has no larger error."""
     row = evaluate(parse_method_spec(spec), suite_inputs[geometry], oracle=True)
     assert row["oracle_rel_l2"] <= row["rel_l2"]
     assert row["vs_oracle"] == pytest.approx(row["rel_l2"] / row["oracle_rel_l2"])
@@ -108,3 +110,12 @@ def test_reference_rows(suite_inputs):
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5  # more blocks, less error; density 1 is exact
     for row, target in zip(rows, [0.125, 0.5, 1.0]):
         assert row["density"] == pytest.approx(target, abs=1 / 30)
+
+
+def test_head_mix_names():
+    from vidsparse.eval.synthetic import HETEROGENEOUS_HEAD_MIX, resolve_head_types
+
+    assert resolve_head_types(["heterogeneous"]) == HETEROGENEOUS_HEAD_MIX
+    assert resolve_head_types(["sharp", "diffuse"]) == ("sharp", "diffuse")
+    with pytest.raises(ValueError, match="head type 'bogus' is unknown"):
+        resolve_head_types(["spatial", "bogus"])

@@ -7,15 +7,17 @@ the invariants every plan keeps (each query block its own block, text rows and c
 a partial last video block that block dense too, as :func:`~vidsparse.plan.finalize_plan` makes it): those forced
 pairs count in its budget, so its measured density equals the target up to one pair.
 
-Two ways to spend the budget (``scope``): ``"head"`` keeps the pairs of most mass over all pairs of a head (the
-selection that keeps the most mass, so rows that need more blocks get more); ``"row"`` (the default) keeps the
-same number of key blocks of most mass in every query block (AdaSpa's row-wise rule without its head-adaptive
-budgets). Keeping the most mass is not the smallest output error: on the synthetic suite the per-head spread loses
-to the row rule (relative L2 0.256 vs 0.191 at density 0.25 on 9x30x52), presumably because it takes blocks from
-the rows of flat heads, whose mass is spread thin but whose output barely moves when some of it is dropped. The
-suite (``vidsparse eval attention``) therefore reports as the oracle the better of the two at a method's own
-measured density and in the method's own token order, and every method's error divided by it. A method can still
-beat it (neither rule is the error optimum, which would need the values): a ratio below 1 says so, unclipped.
+Three ways to spend the budget (``scope``): ``"head"`` keeps the pairs of most mass over all pairs of a head (the
+selection that keeps the most mass, so rows that need more blocks get more); ``"row"`` (the default) keeps the same
+number of key blocks of most mass in every query block (AdaSpa's row-wise rule without its head-adaptive budgets);
+``"adaptive"`` is the row rule with AdaSpa's head-adaptive budgets (half for heads that are concentrated enough,
+1.5x for as many diffuse ones). Keeping the most mass is not the smallest output error: on the synthetic suite the
+per-head spread loses to the row rule (relative L2 0.256 vs 0.191 at density 0.25 on 9x30x52), presumably because it
+takes blocks from the rows of flat heads, whose mass is spread thin but whose output barely moves when some of it is
+dropped. The suite (``vidsparse eval attention``) therefore reports as the oracle the best of the three at a
+method's own measured density and in the method's own token order, and every method's error divided by it. A method
+can still beat it (neither rule is the error optimum, which would need the values): a ratio below 1 says so,
+unclipped.
 
 It is registered as a *reference* method: ``vidsparse.plan("oracle", q, k, layout, density=0.25)`` and
 ``vidsparse eval --methods oracle:density=0.25`` work, but it is not among :func:`~vidsparse.methods.method_names`
@@ -36,7 +38,7 @@ from vidsparse.plan import BlockPlan, finalize_plan, num_blocks
 from . import MethodSpec, PlanContext
 
 #: How the oracle spreads its budget: over all pairs of a head, or the same number per query block.
-SCOPES: tuple[str, ...] = ("row", "head")
+SCOPES: tuple[str, ...] = ("row", "head", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,8 @@ class OracleConfig(SparseConfig):
 
     Args:
         density: Target fraction of video block pairs (forced pairs included), in (0, 1].
-        scope: ``"row"`` (the same budget per query block, the default) or ``"head"`` (top mass over all pairs of
-            a head).
+        scope: ``"row"`` (the same budget per query block, the default), ``"head"`` (top mass over all pairs of
+            a head) or ``"adaptive"`` (the row rule with AdaSpa's head-adaptive budgets).
         tile: Token order of the blocks: ``None`` = raster, or a (t, h, w) tile (:meth:`VideoLayout.tile_order`).
     """
 
@@ -93,7 +95,8 @@ def oracle_mask(mass: torch.Tensor, density: float, *, forced: torch.Tensor | No
         forced: bool ``[Nb, Nb]`` pairs always kept (default: the diagonal).
         scope: ``"head"``: the ``round(density × Nb²)`` pairs of most mass per head; ``"row"``: the same number
             of key blocks of most mass per query block, the most whose total stays within ``round(density × Nb²)``
-            (rows with more forced pairs keep those).
+            (rows with more forced pairs keep those); ``"adaptive"``: the row rule with AdaSpa's head budgets
+            (:func:`~vidsparse.methods.cached.select_blocks`), forced pairs added.
     """
     check_choice("scope", scope, SCOPES)
     b, h, nb, _ = mass.shape
@@ -103,6 +106,12 @@ def oracle_mask(mass: torch.Tensor, density: float, *, forced: torch.Tensor | No
     # Masses are <= 1: adding 2 ranks the forced pairs first, so they are counted in the budget.
     ranked = mass + 2.0 * forced
     total = min(nb * nb, max(int(forced.sum()), round(density * nb * nb)))  # pairs to keep, forced included
+    if scope == "adaptive":
+        from .cached import select_blocks
+
+        # AdaSpa's head-adaptive budgets on the exact masses (the row rule's budget, halved for concentrated heads
+        # and 1.5x for as many diffuse ones); the forced pairs beyond the own block come on top.
+        return select_blocks(mass, density=density, head_adaptive=True) | forced
     if scope == "row":
         # The most blocks per row whose total (a row keeps at least its forced pairs) stays within the budget: a
         # forced dense row (text shares the last video block) does not push the density past the target.
