@@ -188,6 +188,7 @@ def run_suite(
     backend: str = "auto",
     oracle_densities: Sequence[float] | None = (),
     head_types: tuple[str, ...] = DEFAULT_HEAD_MIX,
+    layer: int = 0,
 ) -> list[dict[str, Any]]:
     """Evaluate every config on every geometry; returns one row per (geometry, config).
 
@@ -195,6 +196,7 @@ def run_suite(
         oracle_densities: ``None``: no oracle. Otherwise every row gets its oracle comparison, and each geometry
             starts with one oracle reference row per density listed here.
         head_types: Head types of the synthetic inputs, cycled over the heads.
+        layer: Transformer layer the plans are made for (``moba`` cycles its partition by layer: 0 = 1-D).
     """
     rows = []
     with_oracle = oracle_densities is not None
@@ -204,7 +206,11 @@ def run_suite(
         )
         if with_oracle:
             rows.extend(oracle_rows(inputs, oracle_densities, backend=backend))
-        rows.extend(evaluate(cfg, inputs, backend=backend, oracle=with_oracle) for cfg in configs)
+        # A fresh context per config: methods keep state in its store (cached's searched pattern).
+        rows.extend(
+            evaluate(cfg, inputs, backend=backend, ctx=PlanContext(layer=layer, step=0), oracle=with_oracle)
+            for cfg in configs
+        )
     return rows
 
 
@@ -269,6 +275,9 @@ def add_suite_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--layer", type=int, default=0, help="layer index the plans are made for (moba: 0/1/2 = 1-D/2-D/3-D chunks)"
+    )
     parser.add_argument("--backend", default="auto")
     parser.add_argument(
         "--no-oracle",
@@ -304,6 +313,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         backend=args.backend,
         oracle_densities=None if args.no_oracle else args.densities,
         head_types=head_types,
+        layer=args.layer,
     )
     notes_by_spec = {r.spec: r.note for r in runs}
     for row in rows:
@@ -324,6 +334,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "backend": args.backend,
                 "head_types": list(head_types),
+                "layer": args.layer,
                 "oracle": not args.no_oracle,
                 "notes": notes,
                 "rows": rows,

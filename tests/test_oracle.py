@@ -8,7 +8,7 @@ import torch
 import vidsparse
 from vidsparse.eval.attention_suite import evaluate, make_inputs, oracle_rows
 from vidsparse.layout import VideoLayout
-from vidsparse.methods import get_method, method_names, parse_method_spec, reference_method_names
+from vidsparse.methods import PlanContext, get_method, method_names, parse_method_spec, reference_method_names
 from vidsparse.methods.cached import block_attention_mass, video_qk
 from vidsparse.methods.oracle import OracleConfig, forced_video_pairs, oracle_mask
 from vidsparse.plan import num_blocks
@@ -119,3 +119,39 @@ def test_head_mix_names():
     assert resolve_head_types(["sharp", "diffuse"]) == ("sharp", "diffuse")
     with pytest.raises(ValueError, match="head type 'bogus' is unknown"):
         resolve_head_types(["spatial", "bogus"])
+
+
+def test_eval_report_mse_ratio_against_the_oracle_run():
+    from vidsparse.eval.report import add_oracle_ratios
+
+    def entry(method, psnr, target=0.25, setting="tiny", kind="sparse"):
+        return {"setting": setting, "method": method, "kind": kind, "target_density": target, "psnr": psnr}
+
+    summary = [
+        entry("dense", None, None, kind="dense"),
+        entry("oracle:density=0.25", 30.0),
+        entry("radial:density=0.25", 27.0),
+        entry("radial:density=0.5", 35.0, target=0.5),  # no oracle at 0.5
+        entry("draft:density=0.25", 31.0, setting="other"),  # no oracle in that setting
+    ]
+    add_oracle_ratios(summary)
+    ratios = [e["mse_vs_oracle"] for e in summary]
+    assert ratios[0] is None and ratios[1] == pytest.approx(1.0) and ratios[3] is None and ratios[4] is None
+    assert ratios[2] == pytest.approx(10**0.3)  # 3 dB below the oracle: about twice its MSE
+
+
+def test_suite_cli_layer_and_oracle_columns(tmp_path, capsys):
+    import json
+
+    from vidsparse.cli import main
+
+    path = tmp_path / "a.json"
+    args = ["eval", "attention", "--methods", "moba:selection=topk", "--densities", "0.25", "--geometry", "4x8x16"]
+    assert main([*args, "--heads", "2", "--layer", "1", "--json", str(path)]) == 0
+    assert "error / oracle" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["layer"] == 1 and [r["method"] for r in data["rows"]] == ["oracle", "moba"]
+    moba = data["rows"][1]
+    inputs = make_inputs(VideoLayout(4, 8, 16), heads=2)
+    expected = evaluate(parse_method_spec("moba:selection=topk,density=0.25"), inputs, ctx=PlanContext(layer=1))
+    assert moba["density"] == pytest.approx(expected["density"]) and moba["vs_oracle"] > 0
