@@ -155,3 +155,20 @@ def test_suite_cli_layer_and_oracle_columns(tmp_path, capsys):
     inputs = make_inputs(VideoLayout(4, 8, 16), heads=2)
     expected = evaluate(parse_method_spec("moba:selection=topk,density=0.25"), inputs, ctx=PlanContext(layer=1))
     assert moba["density"] == pytest.approx(expected["density"]) and moba["vs_oracle"] > 0
+
+
+def test_oracle_runs_in_a_pipeline():
+    """``vidsparse.apply(pipe, "oracle")`` plans every sparse call from that call's exact attention."""
+    from vidsparse.pipelines import tiny
+    from vidsparse.pipelines.support import generate
+
+    name = "wan"  # a tiny Wan 2.1 built in memory
+    pipe = tiny.build(name)
+    pipe.set_progress_bar_config(disable=True)
+    handle = vidsparse.apply(pipe, "oracle", density=0.5)
+    out = generate(pipe, tiny.get_spec(name), steps=2)
+    stats = handle.stats()
+    handle.remove()
+    assert torch.isfinite(out).all()
+    sparse = [row for row in stats if row["sparse"]]
+    assert sparse and all(row["density"] < 1 for row in sparse)
