@@ -54,6 +54,8 @@ METHODOLOGY = {
     "shared, busy machine end-to-end times and speedups are noisy",
     "density": "measured by vidsparse per sparse self-attention call: computed (q-block, kv-block) pairs / all "
     "video pairs; 'overall' counts dense warm-up calls as 1",
+    "oracle": "MSE / oracle: frame MSE of a run over that of `oracle:density=<same target>` in the same setting "
+    "(the block pairs of most exact attention mass; 10^(PSNR gap / 10)); empty without such a run",
     "plan_ms": "planning time of one generation (sum over sparse calls; median over the timed generations)",
 }
 
@@ -185,7 +187,26 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["lpips_net"] = next((m["lpips_net"] for m in ok if m.get("lpips") is not None), None)
         summary.append(entry)
     summary.sort(key=lambda e: (e["setting"], e["kind"] != "dense", e["method"]))
+    add_oracle_ratios(summary)
     return summary
+
+
+def add_oracle_ratios(summary: list[dict[str, Any]]) -> None:
+    """Set ``mse_vs_oracle`` on sparse entries that have an ``oracle`` run at the same setting and target density.
+
+    The ratio of frame MSEs, from the PSNR gap: ``10 ** ((PSNR_oracle - PSNR) / 10)`` (1 = as good as the best
+    block selection at that density; see :mod:`vidsparse.methods.oracle`).
+    """
+    oracles = {
+        (e["setting"], e.get("target_density")): e
+        for e in summary
+        if e["kind"] == "sparse" and str(e["method"]).split(":")[0] == "oracle" and e.get("psnr") is not None
+    }
+    for entry in summary:
+        ref = oracles.get((entry["setting"], entry.get("target_density")))
+        psnr, ref_psnr = entry.get("psnr"), None if ref is None else ref["psnr"]
+        ok = psnr is not None and ref_psnr is not None and math.isfinite(psnr) and math.isfinite(ref_psnr)
+        entry["mse_vs_oracle"] = 10 ** ((ref_psnr - psnr) / 10) if ok and entry["kind"] == "sparse" else None
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -302,6 +323,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("target density", "target_density", lambda v: fmt(v, ".3f")),
     ("measured density", "density", lambda v: fmt(v, ".3f")),
     ("PSNR dB", "psnr", lambda v: fmt(v, ".2f")),
+    ("MSE / oracle", "mse_vs_oracle", lambda v: fmt(v, ".2f")),
     ("SSIM", "ssim", lambda v: fmt(v, ".4f")),
     ("LPIPS", "lpips", lambda v: fmt(v, ".4f")),
     ("e2e s", "e2e_s", lambda v: fmt(v, ".2f")),

@@ -11,7 +11,12 @@ broadly or to a "sink". This module builds q/k/v with that structure:
 - v is an independent smooth field, so output errors weigh what a real layer would mix.
 
 Head types (``HEAD_TYPES``): ``spatial`` (local in space and time), ``temporal`` (same place across frames),
-``global`` (broad, smooth, with a first-frame sink). ``drift`` rotates the content field slowly with the step index,
+``global`` (broad, smooth, with a first-frame sink), and for heterogeneous mixes (:data:`HETEROGENEOUS_HEAD_MIX`)
+``sharp`` (very local and peaked: a few blocks hold nearly all of a row's mass) and ``diffuse`` (broad and flat:
+mass spread over most blocks). Real DiT layers mix heads like these, which is what head-adaptive budgets
+(AdaSpa) exploit; the default mix has none of the two extremes, so budgets per head barely matter on it.
+
+``drift`` rotates the content field slowly with the step index,
 to emulate how q/k change over denoising steps (for methods that reuse a pattern across steps).
 """
 
@@ -44,10 +49,38 @@ HEAD_TYPES: dict[str, HeadType] = {
     "spatial": HeadType(sigma=(1.0, 2.0, 2.0), sharpness=1.0),
     "temporal": HeadType(sigma=(6.0, 0.6, 0.6), sharpness=1.0),
     "global": HeadType(sigma=(4.0, 6.0, 6.0), sharpness=0.5, sink=1.5),
+    "sharp": HeadType(sigma=(0.7, 1.2, 1.2), sharpness=2.5),
+    "diffuse": HeadType(sigma=(3.0, 8.0, 8.0), sharpness=0.25),
 }
 
 #: Default mix of head types, cycled over heads (half local heads, as in real video DiTs).
 DEFAULT_HEAD_MIX: tuple[str, ...] = ("spatial", "temporal", "spatial", "global")
+#: A mix with very concentrated and very flat heads next to the default types (use 8 heads to see each once).
+HETEROGENEOUS_HEAD_MIX: tuple[str, ...] = (
+    "sharp",
+    "spatial",
+    "temporal",
+    "diffuse",
+    "sharp",
+    "global",
+    "spatial",
+    "diffuse",
+)
+#: Named mixes (``vidsparse eval attention --head-types heterogeneous``).
+HEAD_MIXES: dict[str, tuple[str, ...]] = {"default": DEFAULT_HEAD_MIX, "heterogeneous": HETEROGENEOUS_HEAD_MIX}
+
+
+def resolve_head_types(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Head types from type names, or from one mix name of :data:`HEAD_MIXES`; ``ValueError`` naming a bad one."""
+    names = tuple(names)
+    if len(names) == 1 and names[0] in HEAD_MIXES:
+        return HEAD_MIXES[names[0]]
+    for name in names:
+        if name not in HEAD_TYPES:
+            raise ValueError(
+                f"head type {name!r} is unknown; types: {', '.join(HEAD_TYPES)}; mixes: {', '.join(HEAD_MIXES)}."
+            )
+    return names
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:

@@ -65,6 +65,42 @@ def test_partition_makes_each_chunk_a_contiguous_tile(kind):
     assert float(part.chunk_sizes.max()) == math.prod(min(a, b) for a, b in zip(tile, RAGGED.grid))
 
 
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_aligned_partition_is_whole_blocks(kind):
+    """``align_chunks``: every block in exactly one chunk, chunks runs of whole blocks, each of its majority chunk."""
+    layout = VideoLayout(9, 30, 52)
+    tile = chunk_shape(layout, MoBAConfig(), kind)
+    exact = chunk_partition(layout, tile, 64)
+    part = chunk_partition(layout, tile, 64, align=True)
+    assert bool((part.overlap.sum(-1) == 1).all())
+    block_chunk = part.overlap.float().argmax(-1)
+    assert bool((block_chunk[1:] >= block_chunk[:-1]).all()) and int(block_chunk[-1]) == part.num_chunks - 1
+    assert torch.equal(part.chunk_of_token, block_chunk[part.block_of_token])
+    # Each block's chunk is the exact tile holding most of its tokens (renumbered: tiles that win no block vanish).
+    counts = torch.zeros(part.num_blocks, exact.num_chunks)
+    counts.index_put_(
+        (exact.block_of_token, exact.chunk_of_token), torch.ones(layout.num_video_tokens), accumulate=True
+    )
+    majority = counts.argmax(-1)
+    assert torch.equal(torch.unique(majority, return_inverse=True)[1], block_chunk)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_aligned_chunks_compute_exactly_the_selection(layer):
+    """No superset: the plan's token pairs are the chunk selection's, and the density tracks the target (issue 28)."""
+    layout = VideoLayout(9, 30, 52)
+    q, k, _ = qkv(layout)
+    cfg = MoBAConfig(selection="topk", density=0.25)
+    ctx = PlanContext(layer=layer)
+    sel = select_chunks(q, k, layout, cfg, ctx)
+    torch.testing.assert_close(sel.block_token_density(), sel.token_density())
+    plan = build_plan(cfg, q, k, layout, ctx).validate()
+    # Ragged 3-D chunks (7 + 2 frames) differ in size, so k of C chunks is not exactly k / C of the blocks.
+    assert plan.density() == pytest.approx(0.25, abs=0.02)  # 0.269 / 0.273 with chunks straddling blocks
+    unaligned = build_plan(cfg.replace(align_chunks=False), q, k, layout, ctx)
+    assert unaligned.density() > plan.density() + 0.015
+
+
 def test_partition_orders_match_vmoba_on_divisible_grids():
     layout = VideoLayout(4, 6, 8)
     cfg = MoBAConfig(frames_1d=2, patch_2d=(3, 4), cuboid_3d=(2, 3, 4))

@@ -81,6 +81,29 @@ def test_faithful_reproduces_computed_sparsities(grid, decay, sink, sparsity):
     assert abs(100 * (1 - mask.float().mean().item()) - sparsity) < 0.5
 
 
+@pytest.mark.parametrize(
+    ("grid", "options", "density"),
+    [
+        ((18, 48, 80), {}, 0.2871),  # Wan 2.1 768x1280x69, upstream defaults (decay 0.2, sink), block 128
+        ((30, 48, 80), {"decay": 0.95, "sink": False}, 0.2746),  # HunyuanVideo 768x1280x117, block 128
+        ((18, 48, 80), {"block_size": 64}, 0.2608),  # Wan 2.2's processor block: the explicit size is kept
+    ],
+)
+def test_faithful_defaults_to_upstream_block_size(grid, options, density):
+    """``faithful=True`` alone reproduces upstream's densities (official code run on CPU, issue 28)."""
+    config = vidsparse.make_config("radial", faithful=True, **options)
+    assert config.block_size == options.get("block_size", 128)
+    assert vidsparse.plan(config, None, None, VideoLayout(*grid)).density() == pytest.approx(density, abs=5e-5)
+
+
+def test_block_size_default_follows_faithful():
+    assert RadialConfig().block_size == 64 and RadialConfig(faithful=True).block_size == 128
+    assert RadialConfig().replace(faithful=True).block_size == 128
+    assert RadialConfig(faithful=True).replace(faithful=False).block_size == 64
+    assert RadialConfig(block_size=64).replace(faithful=True).block_size == 64  # explicit: kept
+    assert parse_method_spec("radial:faithful=true") == RadialConfig(faithful=True, block_size=128)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     frames=st.integers(2, 7),

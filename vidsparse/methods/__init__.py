@@ -32,6 +32,11 @@ _METHOD_MODULES: dict[str, str] = {
     "draft": "vidsparse.methods.draft",
     "cached": "vidsparse.methods.cached",
 }
+#: Reference "methods" that plan from the exact attention (they cost more than dense attention): reachable by name,
+#: but not among :func:`method_names`, so sweeps and benchmarks over every method leave them out.
+_REFERENCE_MODULES: dict[str, str] = {
+    "oracle": "vidsparse.methods.oracle",
+}
 
 
 @dataclass
@@ -100,11 +105,18 @@ def method_names() -> list[str]:
     return list(_METHOD_MODULES)
 
 
+def reference_method_names() -> list[str]:
+    """Names of the reference methods (``oracle``): usable like methods, left out of :func:`method_names`."""
+    return list(_REFERENCE_MODULES)
+
+
 def get_method(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` for ``name``; ``ValueError`` naming the known methods otherwise."""
-    if not isinstance(name, str) or name not in _METHOD_MODULES:
-        raise ValueError(f"method={name!r} is unknown; available methods: {', '.join(_METHOD_MODULES)}.")
-    return importlib.import_module(_METHOD_MODULES[name]).METHOD
+    """The :class:`MethodSpec` for ``name`` (a method or a reference); ``ValueError`` naming the known ones else."""
+    module = (_METHOD_MODULES.get(name) or _REFERENCE_MODULES.get(name)) if isinstance(name, str) else None
+    if module is None:
+        known = ", ".join([*_METHOD_MODULES, *_REFERENCE_MODULES])
+        raise ValueError(f"method={name!r} is unknown; available methods: {known}.")
+    return importlib.import_module(module).METHOD
 
 
 def make_config(method_or_config: str | SparseConfig, **overrides: Any) -> SparseConfig:

@@ -342,6 +342,25 @@ def _budget(fraction: float, nb: int) -> int:
     return min(nb, max(1, round(fraction * nb)))
 
 
+def adaptive_budgets(density: float, nb: int) -> tuple[int, int]:
+    """Blocks per row of AdaSpa's "up" (half budget) and "down" (1.5x) heads, rounded as upstream rounds them.
+
+    Upstream works in sparsity ``s = 1 - density``: ``s_up = (1 + s) / 2``, ``s_down = (3s - 1) / 2`` and a row keeps
+    ``round((1 - s_x) * M)`` of its ``M`` blocks. The same products in density terms (``density / 2 * M``,
+    ``1.5 * density * M``) can land on the other side of a tie in floating point: at density 0.1 and 30 blocks,
+    ``1.5 * 0.1 * 30`` is 4.500000000000001 and rounds to 5, where upstream's ``(1 - (3 * 0.9 - 1) / 2) * 30`` is
+    4.499999999999997 and rounds to 4; the half-budget heads get 2 (1.5000000000000013): 2 and 4 around the base
+    3, so the mean stays 3 blocks (with 5 it would be 3.5).
+
+    Returns:
+        ``(up, down)`` blocks per row, each in ``[1, nb]``.
+    """
+    sparsity = 1.0 - density
+    up = (1.0 + sparsity) / 2.0
+    down = (3.0 * sparsity - 1.0) / 2.0
+    return tuple(min(nb, max(1, round((1.0 - s) * nb))) for s in (up, down))
+
+
 def head_budgets(
     cumulative: torch.Tensor, density: float, *, head_adaptive: bool, adaptive_recall: float = 0.9
 ) -> torch.Tensor:
@@ -349,7 +368,8 @@ def head_budgets(
 
     Head-adaptive (AdaSpa §4, as in its FlagScale port): heads whose rows keep ``adaptive_recall`` of their mass
     with half the budget form the "up" group (at most half the heads) and get half the budget; as many heads with the
-    lowest recall at the base budget get 1.5x; the mean density stays the same (up to rounding and the cap at 1).
+    lowest recall at the base budget get 1.5x; the mean density stays the same up to rounding and the cap at 1
+    (rounded as upstream, :func:`adaptive_budgets`: at density 0.1 and 30 blocks a row, 2 / 3 / 4 blocks).
 
     Args:
         cumulative: float32 ``[B, H, Nb, Nb]``: per row, the cumulative mass of the blocks in ranked order.
@@ -363,7 +383,7 @@ def head_budgets(
     budgets = torch.full((b, h), base, dtype=torch.long, device=cumulative.device)
     if not head_adaptive or h < 2:
         return budgets
-    low, high = _budget(density / 2, nb), _budget(1.5 * density, nb)
+    low, high = adaptive_budgets(density, nb)
     recall_low = cumulative[..., low - 1].mean(-1)  # [B, H]
     recall_base = cumulative[..., base - 1].mean(-1)
     n_up = (recall_low >= adaptive_recall).sum(-1).clamp(max=h // 2)  # [B]

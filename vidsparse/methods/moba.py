@@ -23,10 +23,17 @@ chunks hold hundreds to thousands of tokens):
   1-D chunk to share one choice. Each query block is scored with its **mean query**: by linearity
   ``mean_i(q_i) · k̄ = mean_i(q_i · k̄)``, i.e. exactly the average of the paper's per-token gates over the block.
   (Per-token routing then a union per block would be a superset, denser than the target.)
-- **Own chunk(s)**: every chunk a query block overlaps (one, or two when the block straddles a chunk boundary).
+- **Block-aligned chunks** (``align_chunks=True``, the default): a chunk of ``T×h×w`` tokens is rarely a multiple
+  of the block size, so a plain tile order leaves blocks that hold the end of one chunk and the start of the next;
+  keeping such a block for either chunk computes a superset (measured up to +85 % over the chunk selection, issue
+  28). Instead every plan block joins the chunk that holds most of its tokens (ties: the earlier chunk), so each
+  chunk is a run of whole blocks in plan order and a selected chunk costs exactly its blocks: the plan computes
+  what is selected, no more. The price: up to half a block of tokens at each chunk boundary belongs to the
+  neighbouring chunk (a chunk smaller than half a block merges into a neighbour), i.e. chunks are the paper's tiles
+  up to a block-sized seam. ``align_chunks=False`` keeps exact tiles and the superset expansion below.
+- **Own chunk(s)**: the chunk of the query block (aligned), or every chunk it overlaps (exact tiles).
 - **Expansion**: a selected (query block, chunk) pair keeps every plan key block that holds a token of the chunk.
-  Where a chunk boundary falls inside a plan block, that block is shared and kept when *either* chunk is selected:
-  the computed set is a superset of the chunk selection (exact for what is computed, slightly denser).
+  With exact tiles a shared boundary block is kept when *either* chunk is selected, a superset;
   :meth:`ChunkSelection.token_density` gives the selection's own token-pair density, to measure that overhead.
 
 Threshold normalisation. ``normalize="minmax"`` is what the official code does (scores min-max scaled to [0, 1]
@@ -110,6 +117,8 @@ class MoBAConfig(SparseConfig):
         cuboid_3d: (t, h, w) tokens of a 3-D chunk.
         faithful: Reproduce the official threshold rule exactly: ``minmax`` and at least one chunk besides the own
             chunk kept. Needs ``normalize="minmax"``.
+        align_chunks: Snap chunks to whole plan blocks (each block joins its majority chunk), so the plan computes
+            exactly the selected chunks; ``False``: exact tiles, shared boundary blocks kept for either chunk.
         dense_steps: The paper runs the first 25 % of denoising steps dense.
     """
 
@@ -125,10 +134,12 @@ class MoBAConfig(SparseConfig):
     patch_2d: tuple[int, int] = (5, 13)
     cuboid_3d: tuple[int, int, int] = (7, 5, 13)
     faithful: bool = False
+    align_chunks: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("selection", self.selection, SELECTIONS)
+        check_choice("align_chunks", self.align_chunks, (False, True))
         check_fraction("tau", self.tau)
         check_choice("threshold_pool", self.threshold_pool, THRESHOLD_POOLS)
         check_choice("normalize", self.normalize, NORMALIZATIONS)
@@ -207,15 +218,27 @@ class ChunkPartition:
 
 
 def chunk_partition(
-    layout: VideoLayout, tile: tuple[int, int, int], block_size: int, device: torch.device | str = "cpu"
+    layout: VideoLayout,
+    tile: tuple[int, int, int],
+    block_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    align: bool = False,
 ) -> ChunkPartition:
-    """The :class:`ChunkPartition` of ``layout`` into ``tile`` chunks (cached per geometry and device)."""
+    """The :class:`ChunkPartition` of ``layout`` into ``tile`` chunks (cached per geometry and device).
+
+    Args:
+        align: Snap the chunks to whole plan blocks: each block joins the chunk holding most of its tokens.
+    """
     video_only = VideoLayout(*layout.grid)  # text does not change the partition: share the cache entry
-    return _chunk_partition(video_only, tuple(min(a, b) for a, b in zip(tile, layout.grid)), block_size, str(device))
+    tile = tuple(min(a, b) for a, b in zip(tile, layout.grid))
+    return _chunk_partition(video_only, tile, block_size, str(device), align)
 
 
 @lru_cache(maxsize=64)
-def _chunk_partition(layout: VideoLayout, tile: tuple[int, int, int], block_size: int, device: str) -> ChunkPartition:
+def _chunk_partition(
+    layout: VideoLayout, tile: tuple[int, int, int], block_size: int, device: str, align: bool
+) -> ChunkPartition:
     """Cached worker of :func:`chunk_partition` (vectorised; runs once per geometry)."""
     frames, height, width = layout.grid
     tt, th, tw = tile
@@ -230,6 +253,15 @@ def _chunk_partition(layout: VideoLayout, tile: tuple[int, int, int], block_size
     block_of_token = position // block_size
     num_chunk = int(chunk_of_token.max()) + 1
     vb = num_blocks(n, block_size)
+    if align:
+        # Majority chunk of each block (argmax takes the first maximum: the earlier chunk on a tie). Chunks are
+        # contiguous in plan order, so the majority chunk never decreases along the blocks; chunks that win no
+        # block are dropped and the rest renumbered in order.
+        counts = torch.bincount(block_of_token * num_chunk + chunk_of_token, minlength=vb * num_chunk)
+        block_chunk = counts.view(vb, num_chunk).argmax(-1)
+        block_chunk = torch.unique(block_chunk, return_inverse=True)[1]
+        chunk_of_token = block_chunk[block_of_token]
+        num_chunk = int(block_chunk.max()) + 1
     chunk_sizes = torch.bincount(chunk_of_token, minlength=num_chunk).float()
     block_sizes = torch.bincount(block_of_token, minlength=vb).float()
     overlap = torch.zeros(vb, num_chunk, dtype=torch.bool)
@@ -424,7 +456,8 @@ def select_chunks(
         The :class:`ChunkSelection` (``keep`` is ``[B, H, Vb, C]``).
     """
     kind = partition_kind(config, ctx.layer)
-    part = chunk_partition(layout, chunk_shape(layout, config, kind), config.block_size, q.device)
+    tile = chunk_shape(layout, config, kind)
+    part = chunk_partition(layout, tile, config.block_size, q.device, align=config.align_chunks)
     scores = chunk_scores(q, k, layout, part)
     own = part.overlap  # [Vb, C]: the chunks a query block's own tokens belong to
     num_chunk = part.num_chunks

@@ -69,6 +69,10 @@ from . import MethodSpec, PlanContext
 FAITHFUL_DEFAULT_DECAY = 0.2
 #: Target density of ours when neither ``density`` nor ``decay`` is given.
 DEFAULT_DENSITY = 0.3
+#: Upstream's block size on Wan 2.1 and HunyuanVideo (its Wan 2.2 processor uses 64): ``faithful=True``'s default.
+FAITHFUL_BLOCK_SIZE = 128
+#: Ours' default block size.
+OURS_BLOCK_SIZE = 64
 #: Upstream's hard-coded frame-decimation threshold (independent of the block size).
 _DECIMATION_THRESHOLD = 128
 
@@ -96,12 +100,16 @@ class RadialConfig(SparseConfig):
             used to compare with faithful on any geometry).
         density: Ours: target fraction of video block pairs (``None`` with ``decay=None`` means 0.3). Faithful has
             no density target: its density follows from ``decay``.
+        block_size: ``None`` (default) = upstream's 128 with ``faithful=True`` (Wan 2.1 and HunyuanVideo; pass 64
+            for Wan 2.2, whose processor uses 64), 64 for ours. ``replace(faithful=...)`` re-resolves a default
+            block size; an explicit one is kept.
         dense_steps, dense_layers, dense_last_steps: Upstream's warm-up: the first 24 % of the steps (12 of 50)
             and the first transformer block run dense.
     """
 
     method: ClassVar[str] = "radial"
 
+    block_size: int | None = None
     faithful: bool = False
     decay: float | None = None
     sink: bool = True
@@ -114,6 +122,11 @@ class RadialConfig(SparseConfig):
     dense_last_steps: int | float = 0
 
     def __post_init__(self) -> None:
+        auto = self.block_size is None
+        if auto:
+            faithful = self.faithful is True
+            object.__setattr__(self, "block_size", FAITHFUL_BLOCK_SIZE if faithful else OURS_BLOCK_SIZE)
+        object.__setattr__(self, "_auto_block_size", auto)  # not a field: equality and hashing ignore it
         super().__post_init__()
         for name in ("faithful", "sink", "strict_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -149,6 +162,12 @@ class RadialConfig(SparseConfig):
                 f"density={self.density!r} and decay={self.decay!r} are both set: ours takes one of them "
                 "(density solves for the decay)."
             )
+
+    def replace(self, **overrides: object) -> RadialConfig:
+        """A copy with ``overrides``; a block size that was left to its default follows a new ``faithful``."""
+        if getattr(self, "_auto_block_size", False) and "block_size" not in overrides:
+            overrides["block_size"] = None
+        return super().replace(**overrides)
 
     @property
     def tile_shape(self) -> tuple[int, int]:
