@@ -24,8 +24,9 @@ import torch
 
 from vidsparse.config import check_fraction
 from vidsparse.integration import apply, describe_models, transformers_of
+from vidsparse.pipelines.loading import load_pipeline
 
-from .common import add_model_args, load_pipeline, resolve_device, resolve_dtype, step_count
+from .common import add_model_args, resolve_device, resolve_dtype, step_count
 from .render import check_frames
 
 
