@@ -246,7 +246,7 @@ class Runner:
             a random-backbone metric here).
         command: The command line recorded in every result file.
         progress: Show the denoising-step progress bar of each generation.
-        load_pipeline: ``load_pipeline(job) -> pipeline`` (default: :func:`vidsparse.commands.common.load_pipeline`
+        load_pipeline: ``load_pipeline(job) -> pipeline`` (default: :func:`vidsparse.pipelines.loading.load_pipeline`
             on ``device`` in the job's dtype); the last pipeline is reused while jobs share model and dtype.
         process: ``(index, count)`` of this process in a sweep shared by several (recorded in every run file).
     """
@@ -295,7 +295,7 @@ class Runner:
 
     # ----------------------------------------------------------------------------------------------- plumbing
     def _default_load(self, job: EvalJob) -> Any:
-        from vidsparse.commands.common import DTYPES, load_pipeline
+        from vidsparse.pipelines.loading import DTYPES, load_pipeline
 
         pipe, _ = load_pipeline(
             job.model, device=self.device, dtype=DTYPES[job.dtype], seed=job.model_seed, lora=job.lora

@@ -223,11 +223,6 @@ def get_lpips_metric(
     return _METRIC_CACHE[key]
 
 
-def clear_lpips_cache() -> None:
-    """Forget every built :class:`LpipsMetric` (and remembered unavailability), e.g. after new weights arrive."""
-    _METRIC_CACHE.clear()
-
-
 def compare_frames(
     a: Frames,
     b: Frames,

@@ -1,7 +1,7 @@
 """Sparse-vs-dense quality of every method on one pipeline: the measurement behind the quality regression test.
 
-    from vidsparse.pipelines.shapes import load_pipeline
-    pipe = load_pipeline()
+    from vidsparse.pipelines.shapes import load_shapes_pipeline
+    pipe = load_shapes_pipeline()
     rows = method_psnrs(pipe, density=0.5, num_inference_steps=3)   # [{"method", "config", "psnr_db", ...}]
 
 ``python -m vidsparse.eval.regression`` prints the rows as JSON for the shipped shapes model at its default render
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print :func:`method_psnrs` of the shipped shapes model (``--steps N``, default 3) as JSON."""
     import argparse
 
-    from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_pipeline
+    from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of each render")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    pipe = load_pipeline()
+    pipe = load_shapes_pipeline()
     geometry = {**DEFAULT_GEOMETRY, "num_inference_steps": args.steps}
     for seed in range(args.seeds):
         for row in method_psnrs(pipe, density=args.density, methods=args.methods, seed=seed, **geometry):

@@ -72,24 +72,6 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def setting_key(job: dict[str, Any]) -> tuple:
-    """What runs must share to be compared: model, weights seed, geometry, steps, guidance, dtype, device type."""
-    return tuple(
-        job[k]
-        for k in (
-            "model",
-            "model_seed",
-            "frames",
-            "height",
-            "width",
-            "steps",
-            "guidance_scale",
-            "dtype",
-            "device_type",
-        )
-    )
-
-
 def setting_label(job: dict[str, Any]) -> str:
     """``tiny-wan 17x128x128 8 steps cfg 5.0 float32 cpu``."""
     return (

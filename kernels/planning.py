@@ -5,9 +5,9 @@ blocks by their *mean key*, draft pools q and k into regions, and every method t
 BlockPlan index list. At 75k tokens these are memory-bound passes over q/k (tens of MB) and over a
 ``[B, H, Qb, Kb]`` mask (tens of millions of entries), small next to the attention but not free.
 
-- :func:`block_means`: float32 mean of each group of ``block_size`` consecutive tokens (the last group may be
-  partial and is averaged over its real tokens). With the tokens in plan order this is also draft's region pooling:
-  each pooled region is one contiguous group.
+- :func:`block_means` / :func:`block_sums`: float32 mean / sum of each group of ``block_size`` consecutive tokens
+  (the last group may be partial: averaged over its real tokens). With the tokens in plan order this is also
+  draft's region pooling: each pooled region is one contiguous group.
 - :func:`block_mask_to_lut`: ``(kv_num, kv_idx)`` from a bool block mask, identical to
   :func:`vidsparse.plan.block_mask_to_indices` (kept columns ascending first, then the dropped ones ascending).
 
@@ -23,7 +23,7 @@ import torch
 from vidsparse.config import check_choice, check_int
 from vidsparse.plan import block_mask_to_indices, num_blocks
 
-__all__ = ["PLANNING_BACKENDS", "block_mask_to_lut", "block_means"]
+__all__ = ["PLANNING_BACKENDS", "block_mask_to_lut", "block_means", "block_sums"]
 
 #: Values of ``backend=`` accepted by the planning helpers.
 PLANNING_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -75,16 +75,34 @@ def block_means(x: torch.Tensor, block_size: int, *, backend: str = "auto") -> t
     return _block_means_torch(x, block_size)
 
 
+def block_sums(x: torch.Tensor, block_size: int, *, dim: int = -2) -> torch.Tensor:
+    """Float32 sum of each group of ``block_size`` consecutive entries of ``x`` along ``dim``.
+
+    Args:
+        x: Any float tensor, e.g. keys ``[B, H, S, D]`` (``dim=-2``) or ``[B, S, H, D]`` (``dim=1``).
+        block_size: Entries per group, >= 1; the last group holds the ``S mod block_size`` rest when not 0.
+        dim: The token dimension.
+
+    Returns:
+        float32, ``x``'s shape with ``dim`` of size ``ceil(S / block_size)``. bf16/fp16 inputs accumulate in
+        float32 without a float32 copy of the whole tensor (``sum(dtype=...)``), and the tail is summed apart
+        instead of padding ``x``.
+    """
+    dim = dim % x.dim()
+    s = x.shape[dim]
+    full = s // block_size
+    sums = x.narrow(dim, 0, full * block_size).unflatten(dim, (full, block_size)).sum(dim + 1, dtype=torch.float32)
+    if s % block_size:
+        tail = x.narrow(dim, full * block_size, s - full * block_size).sum(dim, keepdim=True, dtype=torch.float32)
+        sums = torch.cat([sums, tail], dim=dim)
+    return sums
+
+
 def _block_means_torch(x: torch.Tensor, block_size: int) -> torch.Tensor:
     s = x.shape[-2]
-    nb = num_blocks(s, block_size)
-    pad = nb * block_size - s
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))  # zeros: they add nothing to the sums
-    sums = x.unflatten(-2, (nb, block_size)).sum(-2, dtype=torch.float32)
-    starts = torch.arange(nb, device=x.device) * block_size
+    starts = torch.arange(num_blocks(s, block_size), device=x.device) * block_size
     counts = (s - starts).clamp(max=block_size).to(torch.float32)
-    return sums / counts[:, None]
+    return block_sums(x, block_size) / counts[:, None]
 
 
 # ------------------------------------------------------------------------------------------------- LUT from mask

@@ -33,14 +33,6 @@ def supported_model_classes() -> list[str]:
     return [cls for adapter in ADAPTERS for cls in adapter.model_classes]
 
 
-def get_adapter(name: str) -> FamilyAdapter:
-    """The adapter of family ``name``; ``ValueError`` listing the families otherwise."""
-    for adapter in ADAPTERS:
-        if adapter.name == name:
-            return adapter
-    raise ValueError(f"family={name!r} is unknown; families: {', '.join(a.name for a in ADAPTERS)}.")
-
-
 def adapter_for(transformer: torch.nn.Module) -> FamilyAdapter:
     """The adapter serving ``transformer``; ``TypeError`` naming its class and the supported ones otherwise."""
     for adapter in ADAPTERS:

@@ -9,11 +9,11 @@ transformer/, vae/, scheduler/, text_encoder/, tokenizer/; safetensors). The VAE
 :class:`~vidsparse.pipelines.pixel_vae.PixelShuffleVAE` (config only); the text encoder and tokenizer are saved too
 (a few hundred kB), so the model does not depend on how a library version initialises random weights. The
 transformer is a stock ``WanTransformer3DModel`` whose patch embedding also adds fixed absolute position features
-(:mod:`~vidsparse.pipelines.positions`, marked by ``absolute_positions.json`` in the folder): :func:`load_pipeline`
-adds them after ``from_pretrained``, so load the model with it.
+(:mod:`~vidsparse.pipelines.positions`, marked by ``absolute_positions.json`` in the folder):
+:func:`load_shapes_pipeline` adds them after ``from_pretrained``, so load the model with it.
 
-    from vidsparse.pipelines.shapes import load_pipeline, DEFAULT_GEOMETRY
-    pipe = load_pipeline()
+    from vidsparse.pipelines.shapes import load_shapes_pipeline, DEFAULT_GEOMETRY
+    pipe = load_shapes_pipeline()
     video = pipe("a red circle moves right over a plain gray background", **DEFAULT_GEOMETRY).frames[0]
 """
 
@@ -62,7 +62,9 @@ def _quiet_diffusers():
         logger.setLevel(level)
 
 
-def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *, path: str | None = None):
+def load_shapes_pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *, path: str | None = None
+):
     """Load the trained shapes ``WanPipeline`` with ``from_pretrained`` from the package files (no network).
 
     Args:
@@ -93,4 +95,4 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
 def build_shapes(seed: int = 0):
     """``TINY_PIPELINES`` builder: the trained pipeline on the CPU (``seed`` is unused: the weights are trained)."""
     del seed
-    return load_pipeline()
+    return load_shapes_pipeline()

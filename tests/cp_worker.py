@@ -56,12 +56,12 @@ METHOD = registry.MethodSpec(
 
 @contextlib.contextmanager
 def headwise_registered():
-    """Make ``headwise`` a method name while inside (this module defines its ``METHOD``)."""
-    registry._METHOD_MODULES["headwise"] = "cp_worker"
+    """Make ``headwise`` a method name while inside (registers this module's ``METHOD``)."""
+    registry.register_method(METHOD)
     try:
         yield
     finally:
-        registry._METHOD_MODULES.pop("headwise", None)
+        registry.unregister_method("headwise")
 
 
 def allow_cpu_context_parallel() -> None:

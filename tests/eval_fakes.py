@@ -7,7 +7,6 @@ throw-away module, as the registry maps a name to a module defining ``METHOD``).
 from __future__ import annotations
 
 import math
-import types
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -84,10 +83,7 @@ FAKES = {
 
 def register(mp: pytest.MonkeyPatch) -> None:
     """Register the fake methods (undone when ``mp`` is undone)."""
-    import sys
-
-    for name, spec in FAKES.items():
-        module = types.ModuleType(f"_vidsparse_test_method_{name}")
-        module.METHOD = spec
-        mp.setitem(sys.modules, module.__name__, module)
-        mp.setitem(registry._METHOD_MODULES, name, module.__name__)
+    # A copy of the run-time registry for the test: undoing ``mp`` puts the original (without the fakes) back.
+    mp.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    for spec in FAKES.values():
+        registry.register_method(spec)

@@ -9,6 +9,7 @@ import torch
 import vidsparse
 from vidsparse.cli import main
 from vidsparse.eval.synthetic import synthetic_qkv
+from vidsparse.integration import describe_models, model_fingerprint
 from vidsparse.layout import VideoLayout
 from vidsparse.methods import PlanContext, build_plan
 from vidsparse.methods.cached import CachedConfig, block_attention_mass, kept_recall, video_qk
@@ -23,7 +24,6 @@ from vidsparse.methods.cached_patterns import (
     PatternFile,
     PatternRecorder,
     load_patterns,
-    model_fingerprint,
     pattern_masks,
 )
 from vidsparse.pipelines import tiny
@@ -116,8 +116,8 @@ def test_classification_picks_the_cheapest_pattern_that_reaches_the_recall(pipe)
         for seed in range(2):
             mass = _sharp_mass(layout, ("temporal", "spatial", "global"), seed=seed)
             rec.record(0, 1, mass, layout, block_size=64, tile=None)
-        patterns = rec.classify([pipe.transformer], recall=0.9, max_density=0.6)
-        strict = rec.classify([pipe.transformer], recall=0.999, max_density=0.3)
+        patterns = rec.classify(describe_models([pipe.transformer]), recall=0.9, max_density=0.6)
+        strict = rec.classify(describe_models([pipe.transformer]), recall=0.999, max_density=0.3)
     assert patterns.shape == (1, 2, 3)
     assert PATTERN_NAMES[int(patterns.kinds[0, 1, 0])] == "temporal"  # the same place across frames
     chosen = patterns.kinds[0, 1] != DENSE
@@ -181,11 +181,11 @@ def test_round_trip_gives_the_same_plans(pipe, tmp_path):
     q, k, _ = synthetic_qkv(layout, heads=2, head_dim=16)
     for layer in range(2):
         ctx = PlanContext(layer=layer)
-        plan = vidsparse.plan("cached", q, k, layout, patterns=str(path), ctx=ctx)
+        plan = vidsparse.make_plan("cached", q, k, layout, patterns=str(path), ctx=ctx)
         plan.validate()
         expected = finalize_plan(original.video_mask(0, layer, layout), layout, 64)
         assert torch.equal(plan.block_mask(), expected.block_mask())
-        assert vidsparse.plan("cached", q, k, layout, patterns=str(path), ctx=ctx) is plan  # built once
+        assert vidsparse.make_plan("cached", q, k, layout, patterns=str(path), ctx=ctx) is plan  # built once
 
 
 def test_save_is_atomic_and_never_overwrites_unasked(pipe, tmp_path):
@@ -281,7 +281,7 @@ def test_other_model_is_refused_before_anything_is_installed(pipe, tmp_path):
     assert not hasattr(bigger, "_vidsparse_handle")
     linear_file = _file_for(torch.nn.Linear(2, 2), torch.zeros(2, 2), torch.zeros(2, 2, 2))
     with pytest.raises(ValueError, match="calibrated for a Linear"):
-        linear_file.check_model([pipe.transformer])
+        linear_file.check_model(describe_models([pipe.transformer]))
 
 
 def test_other_grid_rederived_for_geometric_types_refused_for_stripes(pipe, tmp_path):
@@ -291,21 +291,21 @@ def test_other_grid_rederived_for_geometric_types_refused_for_stripes(pipe, tmp_
     other = VideoLayout(3, 8, 12)  # 3 frames instead of 5
     q, k, _ = synthetic_qkv(other, heads=2, head_dim=16)
     path = geometric.save(tmp_path / "geo.safetensors")
-    plan = vidsparse.plan("cached", q, k, other, patterns=str(path), ctx=PlanContext(layer=0))
+    plan = vidsparse.make_plan("cached", q, k, other, patterns=str(path), ctx=PlanContext(layer=0))
     plan.validate()
     expected = pattern_masks(geometric.kinds[0, 0], geometric.params[0, 0], other, 64)
     assert torch.equal(plan.block_mask()[0], expected | torch.eye(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="block_size=64; the config has block_size=128"):
-        vidsparse.plan("cached", q, k, other, patterns=str(path), block_size=128, ctx=PlanContext())
+        vidsparse.make_plan("cached", q, k, other, patterns=str(path), block_size=128, ctx=PlanContext())
     with pytest.raises(ValueError, match="calibrated for 2 heads"):
         q3, k3, _ = synthetic_qkv(other, heads=3, head_dim=16)
-        vidsparse.plan("cached", q3, k3, other, patterns=str(path), ctx=PlanContext())
+        vidsparse.make_plan("cached", q3, k3, other, patterns=str(path), ctx=PlanContext())
     with pytest.raises(ValueError, match="covers 1 model.*layer 5"):
-        vidsparse.plan("cached", q, k, other, patterns=str(path), ctx=PlanContext(layer=5))
+        vidsparse.make_plan("cached", q, k, other, patterns=str(path), ctx=PlanContext(layer=5))
     with_stripe = _file_for(pipe.transformer, torch.tensor([[STRIPE, DENSE], [DENSE, DENSE]]), torch.zeros(2, 2, 2))
     path = with_stripe.save(tmp_path / "stripe.safetensors")
     with pytest.raises(ValueError, match="1 heads use the data-derived 'stripe' type.*calibrate again"):
-        vidsparse.plan("cached", q, k, other, patterns=str(path), ctx=PlanContext())
+        vidsparse.make_plan("cached", q, k, other, patterns=str(path), ctx=PlanContext())
 
 
 def test_apply_with_a_pattern_file_runs_the_calibrated_plans(pipe, tmp_path):

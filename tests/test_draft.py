@@ -337,10 +337,10 @@ def test_registered_and_reachable_from_the_public_api():
     assert isinstance(cfg, DraftConfig) and cfg.faithful and cfg.region_rows == 4
     layout = VideoLayout(2, 6, 10)
     q, k, _ = synthetic_qkv(layout, heads=2, head_dim=8)
-    plan = vidsparse.plan("draft", q, k, layout, density=0.5, block_size=64)
+    plan = vidsparse.make_plan("draft", q, k, layout, density=0.5, block_size=64)
     assert plan.meta["method"] == "draft" and plan.validate() is plan
     with pytest.raises(ValueError, match="dynamic"):
-        vidsparse.plan("draft", None, None, layout)
+        vidsparse.make_plan("draft", None, None, layout)
 
 
 # ------------------------------------------------------------------------------------------------ integration

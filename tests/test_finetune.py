@@ -12,7 +12,7 @@ from vidsparse.eval.video_io import read_frames
 from vidsparse.methods import make_config
 from vidsparse.pipelines import finetune as F
 from vidsparse.pipelines import train_tiny
-from vidsparse.pipelines.shapes import load_pipeline
+from vidsparse.pipelines.shapes import load_shapes_pipeline
 
 # 9 frames of 32x32: 5 latent frames x 8 x 8 tokens (4x4 pixels each) = 320 tokens, one block of 64 per latent
 # frame: radial at 0.25 keeps a quarter of the block pairs (measured).
@@ -44,7 +44,7 @@ def transformer_output(pipe, seed=0):
 def trained(tmp_path_factory):
     """Four radial steps of a rank-4 adapter (alpha 8, so a lost alpha would show): folder, pipe, summary."""
     out = tmp_path_factory.mktemp("ft") / "run"
-    pipe = load_pipeline()
+    pipe = load_shapes_pipeline()
     summary = F.finetune(out, config(), pipe, progress=False)
     return out, pipe, summary
 
@@ -66,11 +66,11 @@ def test_training_is_sparse_and_changes_the_adapter(trained):
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(trained, tmp_path):
     straight, _, _ = trained
     out = tmp_path / "run"
-    first = F.finetune(out, config(steps=2), load_pipeline(), progress=False)
+    first = F.finetune(out, config(steps=2), load_shapes_pipeline(), progress=False)
     assert first["step"] == 2 and first["done"]
     with pytest.raises(ValueError, match="--resume"):
-        F.finetune(out, config(), load_pipeline(), progress=False)
-    resumed = F.finetune(out, config(), load_pipeline(), resume=True, progress=False)
+        F.finetune(out, config(), load_shapes_pipeline(), progress=False)
+    resumed = F.finetune(out, config(), load_shapes_pipeline(), resume=True, progress=False)
     assert resumed["step"] == 4
     a, b = lora_state(straight), lora_state(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -87,8 +87,8 @@ def test_resume_with_other_settings_is_refused(trained):
 
 def test_stock_load_lora_weights_gives_the_trained_model(trained):
     out, pipe, _ = trained
-    base = load_pipeline()
-    loaded = load_pipeline()
+    base = load_shapes_pipeline()
+    loaded = load_shapes_pipeline()
     loaded.load_lora_weights(str(out))  # stock diffusers, nothing of vidsparse
     expected, before, got = transformer_output(pipe), transformer_output(base), transformer_output(loaded)
     assert (got - before).abs().max() > 1e-4
@@ -117,7 +117,7 @@ def test_training_lowers_the_loss_of_a_fixed_clip(tmp_path):
                 pipe.transformer, latents, context, torch.Generator().manual_seed(5), 5.0, "x0"
             ).item()
 
-    pipe = load_pipeline()
+    pipe = load_shapes_pipeline()
     before = loss(pipe)
     F.finetune(tmp_path / "run", cfg, pipe, progress=False)
     after = loss(pipe)
@@ -260,7 +260,7 @@ def test_lora_flag_without_weights_is_one_line_error(tmp_path, capsys, monkeypat
 
 
 def test_geometry_the_model_cannot_encode_is_refused(tmp_path):
-    pipe = load_pipeline()
+    pipe = load_shapes_pipeline()
     with pytest.raises(ValueError, match=r"--frames 8 is invalid for this model: frames must be 2\*k \+ 1"):
         F.finetune(tmp_path, config(frames=8), pipe, progress=False)
     # A token of the shapes model covers 4x4 pixels (pixel-shuffle VAE x2, patch 2).

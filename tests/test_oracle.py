@@ -37,7 +37,7 @@ def test_registered_as_reference_not_method():
 def test_density_tracks_target_and_invariants(scope, density):
     layout = VideoLayout(3, 10, 14, text_len=17)  # 420 video tokens: a partial last block shared with the text
     q, k = torch.randn(2, layout.seq_len, 3, 16), torch.randn(2, layout.seq_len, 3, 16)
-    plan = vidsparse.plan("oracle", q, k, layout, density=density, scope=scope).validate()
+    plan = vidsparse.make_plan("oracle", q, k, layout, density=density, scope=scope).validate()
     vb = num_blocks(layout.num_video_tokens, 64)
     # Budgets round to whole pairs (head) or whole blocks per row (row, never above the target: the forced dense
     # last row takes its share); the forced pairs count in them.
@@ -75,7 +75,7 @@ def test_head_scope_keeps_the_most_mass():
 def test_plan_selects_from_the_exact_mass():
     layout = VideoLayout(2, 8, 16)
     q, k = torch.randn(1, layout.seq_len, 2, 16), torch.randn(1, layout.seq_len, 2, 16)
-    plan = vidsparse.plan("oracle", q, k, layout, density=0.5)
+    plan = vidsparse.make_plan("oracle", q, k, layout, density=0.5)
     expected = oracle_mask(block_attention_mass(*video_qk(q, k, layout, None), 64), 0.5)
     assert torch.equal(plan.block_mask(), expected)
 

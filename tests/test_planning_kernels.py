@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vidsparse.kernels.planning import block_mask_to_lut, block_means
+from vidsparse.kernels.planning import block_mask_to_lut, block_means, block_sums
 from vidsparse.plan import BlockPlan, block_mask_to_indices
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,6 +38,21 @@ def test_block_means_auto_and_non_contiguous():
     want = naive_block_means(x, 64)
     torch.testing.assert_close(block_means(x, 64), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(block_means(x, 64, backend="triton"), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sums_along_any_dim_equal_a_loop(tokens, dtype):
+    """Draft's region sums ([B, N, H, D], dim=1) and the means' sums ([..., S, D]) are one function."""
+    x = torch.randn(2, tokens, 3, 5).to(dtype)
+    group = 16
+    expected = torch.stack(
+        [x[:, i : i + group].float().sum(1) for i in range(0, tokens, group)], dim=1
+    )  # [B, ceil(N / group), H, D]
+    got = block_sums(x, group, dim=1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block_sums(x.transpose(1, 2), group), expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 3, 1100), (1, 2, 4, 1)])

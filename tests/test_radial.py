@@ -93,7 +93,7 @@ def test_faithful_defaults_to_upstream_block_size(grid, options, density):
     """``faithful=True`` alone reproduces upstream's densities (official code run on CPU, issue 28)."""
     config = vidsparse.make_config("radial", faithful=True, **options)
     assert config.block_size == options.get("block_size", 128)
-    assert vidsparse.plan(config, None, None, VideoLayout(*grid)).density() == pytest.approx(density, abs=5e-5)
+    assert vidsparse.make_plan(config, None, None, VideoLayout(*grid)).density() == pytest.approx(density, abs=5e-5)
 
 
 def test_block_size_default_follows_faithful():

@@ -10,7 +10,7 @@ from vidsparse.pipelines.tiny import TINY_PIPELINES, get_spec
 
 @pytest.fixture(scope="module")
 def pipe():
-    return shapes.load_pipeline()
+    return shapes.load_shapes_pipeline()
 
 
 def test_weights_ship_inside_the_package_and_stay_small():
@@ -31,7 +31,7 @@ def test_loads_offline_with_from_pretrained(pipe, monkeypatch):
     assert isinstance(pipe.transformer, WanTransformer3DModel) and isinstance(pipe.vae, PixelShuffleVAE)
     # A second load with the hub switched off must work as well (everything is read from the package).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    again = shapes.load_pipeline()
+    again = shapes.load_shapes_pipeline()
     for (name, a), b in zip(pipe.transformer.state_dict().items(), again.transformer.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

@@ -10,7 +10,7 @@ planning bug that costs quality fails this test.
 import pytest
 
 from vidsparse.eval.regression import density_methods, method_psnrs
-from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_pipeline
+from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
 
 #: Denoising steps of each regression render.
 STEPS = 3
@@ -24,7 +24,7 @@ DEFAULT_FLOOR_DB = 20.0
 
 @pytest.fixture(scope="module")
 def rows():
-    pipe = load_pipeline()
+    pipe = load_shapes_pipeline()
     geometry = {**DEFAULT_GEOMETRY, "num_inference_steps": STEPS}
     return {r["method"]: r for r in method_psnrs(pipe, density=0.5, **geometry)}
 

@@ -72,11 +72,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_export_loads_with_from_pretrained(tmp_path):
-    from vidsparse.pipelines.shapes import load_pipeline
+    from vidsparse.pipelines.shapes import load_shapes_pipeline
 
     T.train(tmp_path / "run", T.TrainConfig(phases=(T.Phase(1, 1, 1),), height=16, width=16))
     T.export(tmp_path / "run", tmp_path / "model")
-    pipe = load_pipeline(path=str(tmp_path / "model"))
+    pipe = load_shapes_pipeline(path=str(tmp_path / "model"))
     assert type(pipe.vae).__name__ == "PixelShuffleVAE" and pipe.vae.config.z_dim == 24
     assert type(pipe.transformer.patch_embedding).__name__ == "PositionalPatchEmbedding"  # re-added on load
     video = pipe("a red circle", num_frames=3, height=16, width=16, num_inference_steps=1, output_type="np").frames[0]

@@ -3,7 +3,7 @@
 The whole public surface:
 
 - :func:`apply` / :func:`remove`: install sparse attention on a pipeline or transformer, and restore it.
-- :func:`plan` / :func:`attention`: the same methods on raw tensors, for research and tests.
+- :func:`make_plan` / :func:`attention`: the same methods on raw tensors, for research and tests.
 - :class:`VideoLayout`, :class:`BlockPlan`: the geometry of a sequence and the one mask format.
 - Configs: one frozen dataclass per method (see :mod:`vidsparse.methods`).
 
@@ -25,7 +25,7 @@ import torch
 
 from .config import SparseConfig
 from .layout import VideoLayout
-from .methods import PlanContext, build_plan, make_config, method_names
+from .methods import MethodSpec, PlanContext, build_plan, make_config, method_names, register_method
 from .plan import BlockPlan
 
 if TYPE_CHECKING:
@@ -102,11 +102,13 @@ __all__ = [
     "attention",
     "method_names",
     "make_config",
-    "plan",
+    "make_plan",
+    "MethodSpec",
+    "register_method",
 ]
 
 
-def plan(
+def make_plan(
     method_or_config: str | SparseConfig,
     q: torch.Tensor | None,
     k: torch.Tensor | None,

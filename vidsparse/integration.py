@@ -7,6 +7,8 @@ module; :func:`attach` = root hook only (for processors installed by the user wi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 
 from .config import SparseConfig
 from .hooks import SparseRuntime, VidSparseRootHook, install_root_hook, remove_root_hook
-from .methods import get_method, make_config
+from .methods import ModelInfo, get_method, make_config
 
 #: Pipeline attributes that hold denoising transformers (Wan 2.2 A14B has two experts).
 TRANSFORMER_ATTRIBUTES: tuple[str, ...] = ("transformer", "transformer_2")
@@ -34,6 +36,27 @@ def transformers_of(pipe_or_transformer: Any) -> list[torch.nn.Module]:
             f"{type(pipe_or_transformer).__name__} (it has no `transformer` / `transformer_2` module)."
         )
     return found
+
+
+def model_fingerprint(transformer: torch.nn.Module) -> str:
+    """A short hash of a transformer's config (class and architecture, not weights): 16 hex digits."""
+    config = getattr(transformer, "config", None)
+    items = {k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")}
+    text = json.dumps({"class": type(transformer).__name__, "config": items}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_models(transformers: list[torch.nn.Module]) -> list[ModelInfo]:
+    """One :class:`~vidsparse.methods.ModelInfo` per transformer: what methods may know of a model.
+
+    The seam between models and methods: methods see tensors, layouts and these facts, never a module.
+    """
+    from vidsparse.pipelines.registry import adapter_for
+
+    return [
+        ModelInfo(type(t).__name__, model_fingerprint(t), len(adapter_for(t).attention_modules(t)))
+        for t in transformers
+    ]
 
 
 def _num_steps_from(pipe: Any):
@@ -150,7 +173,7 @@ def _install(pipe_or_transformer: Any, config: SparseConfig | None, num_steps: i
     adapters = [adapter_for(t) for t in transformers]  # fails before anything is touched
     check_model = get_method(config.method).check_model if config is not None else None
     if check_model is not None:
-        check_model(config, transformers)  # e.g. a calibration file made for another model: refused here
+        check_model(config, describe_models(transformers))  # e.g. a calibration file for another model: refused
     for t in transformers:
         cp_config = context_parallel_config(getattr(t, "_parallel_config", None))
         if cp_config is not None:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from vidsparse.eval.frame_grid import frame_grid
     from vidsparse.eval.locality import attention_locality
     from vidsparse.eval.video_io import write_video
-    from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_pipeline
+    from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     geometry = {**DEFAULT_GEOMETRY, "num_inference_steps": args.steps}
 
     t0 = time.time()
-    pipe = load_pipeline(path=args.model)
+    pipe = load_shapes_pipeline(path=args.model)
     load_s = time.time() - t0
 
     def render(prompt: str, seed: int) -> np.ndarray:

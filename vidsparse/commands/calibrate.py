@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from vidsparse.config import check_fraction
-from vidsparse.integration import apply, transformers_of
+from vidsparse.integration import apply, describe_models, transformers_of
+from vidsparse.pipelines.loading import load_pipeline
 
-from .common import add_model_args, load_pipeline, resolve_device, resolve_dtype, step_count
+from .common import add_model_args, resolve_device, resolve_dtype, step_count
 from .render import check_frames
 
 
@@ -145,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "command": shlex.join(["vidsparse", *sys.argv[1:]]) if sys.argv else "",
         }
-        patterns = recorder.classify(transformers_of(pipe), recall=args.recall, max_density=args.max_density, info=info)
+        models = describe_models(transformers_of(pipe))
+        patterns = recorder.classify(models, recall=args.recall, max_density=args.max_density, info=info)
     path = patterns.save(out, force=args.force)
     counts = patterns.counts()
     m, nl, h = patterns.shape

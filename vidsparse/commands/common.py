@@ -7,26 +7,17 @@ Loading a pipeline (embedded default, tiny, or a real checkpoint), the method op
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import torch
 
 from vidsparse.config import SparseConfig
 from vidsparse.methods import method_names, parse_method_spec
+from vidsparse.pipelines.loading import DTYPES
 
 #: Method used when none is given on the command line.
 DEFAULT_METHOD = "radial"
 #: ``--method`` value that leaves the pipeline untouched (stock diffusers attention).
 STOCK = "none"
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def step_count(text: str) -> int | float:
@@ -114,34 +105,3 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def load_pipeline(
-    model: str | None, *, device: torch.device, dtype: torch.dtype, seed: int = 0, lora: str | None = None
-) -> tuple[Any, str]:
-    """Load ``--model``: ``tiny-<name>`` builds an offline pipeline; anything else goes to ``from_pretrained``.
-
-    ``lora``: a LoRA folder (``--lora``) loaded with the pipeline's ``load_lora_weights``.
-
-    Returns:
-        ``(pipeline, name)`` with the pipeline on ``device`` in ``dtype``.
-    """
-    from vidsparse.pipelines import tiny
-
-    if model is None:
-        model = f"tiny-{tiny.default_model_name()}"
-    if model.startswith("tiny-"):
-        pipe = tiny.build(model[len("tiny-") :], seed=seed)
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    if lora is not None:
-        from vidsparse.pipelines.finetune import load_lora
-
-        load_lora(pipe, lora)
-    pipe.to(device=device)
-    pipe.set_progress_bar_config(leave=False)
-    return pipe, model

@@ -34,8 +34,9 @@ from vidsparse.eval.distributed import (
     shard_jobs,
 )
 from vidsparse.eval.specs import default_methods
+from vidsparse.pipelines.loading import load_pipeline
 
-from .common import add_lora_arg, add_model_args, load_pipeline, resolve_device, resolve_dtype
+from .common import add_lora_arg, add_model_args, resolve_device, resolve_dtype
 
 #: Paths ``--force`` deletes in the output directory (only what ``vidsparse eval`` writes there).
 OWNED_PATHS = ("runs", "refs", "clips", "plots", "report.json", "report.md", "index.html")

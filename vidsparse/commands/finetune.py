@@ -17,7 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import STOCK, add_method_args, add_model_args, load_pipeline, method_config, resolve_device, resolve_dtype
+from vidsparse.pipelines.loading import load_pipeline
+
+from .common import STOCK, add_method_args, add_model_args, method_config, resolve_device, resolve_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:

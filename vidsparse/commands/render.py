@@ -13,12 +13,12 @@ from pathlib import Path
 
 from vidsparse.eval.video_io import write_video
 from vidsparse.integration import apply
+from vidsparse.pipelines.loading import load_pipeline
 
 from .common import (
     add_lora_arg,
     add_method_args,
     add_model_args,
-    load_pipeline,
     method_config,
     resolve_device,
     resolve_dtype,

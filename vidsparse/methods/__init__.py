@@ -71,6 +71,24 @@ class PlanContext:
     num_heads: int | None = None
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know of one transformer of the pipeline: facts, never the module itself.
+
+    Methods see tensors and layouts only; the integration layer (:func:`vidsparse.integration.describe_models`)
+    turns each transformer into one of these for the methods that check a file made for a model (calibration).
+
+    Attributes:
+        class_name: The transformer's class, e.g. ``"WanTransformer3DModel"``.
+        fingerprint: 16 hex digits hashing its config (class and architecture, not weights).
+        num_layers: Attention modules of it that vidsparse makes sparse (its adapter's count).
+    """
+
+    class_name: str
+    fingerprint: str
+    num_layers: int
+
+
 PlanFn = Callable[[torch.Tensor | None, torch.Tensor | None, VideoLayout, Any, PlanContext], BlockPlan]
 
 
@@ -86,9 +104,9 @@ class MethodSpec:
         summary: One line for ``vidsparse models`` and the README.
         targets_density: True when the method plans to its config's ``density`` target (so sweeps over densities
             make sense for it); False for methods whose density follows from other options (``window``).
-        check_model: Optional ``check_model(config, transformers)``, called by :func:`vidsparse.apply` before
-            anything is installed: a method whose config refers to a model (a calibration file) raises a clear
-            ``ValueError`` there instead of failing mid-generation.
+        check_model: Optional ``check_model(config, models)`` (``models``: a :class:`ModelInfo` per transformer),
+            called by :func:`vidsparse.apply` before anything is installed: a method whose config refers to a
+            model (a calibration file) raises a clear ``ValueError`` there instead of failing mid-generation.
     """
 
     name: str
@@ -97,12 +115,39 @@ class MethodSpec:
     static: bool
     summary: str
     targets_density: bool = False
-    check_model: Callable[[Any, list[torch.nn.Module]], None] | None = None
+    check_model: Callable[[Any, list[ModelInfo]], None] | None = None
+
+
+#: Methods registered at run time with :func:`register_method` (name -> spec), e.g. a user's own method.
+_REGISTERED: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Make ``spec`` a method: ``vidsparse.apply(pipe, spec.name)``, specs strings and sweeps find it by name.
+
+    The built-in methods register by one line in ``_METHOD_MODULES`` (imported on first use); this is the way for
+    code outside the package (a user's method, a test's). ``replace=False`` refuses a name already taken.
+    Returns ``spec``, so it can be used as ``METHOD = register_method(MethodSpec(...))``.
+    """
+    if not isinstance(spec, MethodSpec):
+        raise TypeError(f"register_method expects a MethodSpec; got {type(spec).__name__}.")
+    taken = spec.name in _METHOD_MODULES or spec.name in _REFERENCE_MODULES or spec.name in _REGISTERED
+    if taken and not replace:
+        raise ValueError(f"method name {spec.name!r} is already registered; pass replace=True to replace it.")
+    _REGISTERED[spec.name] = spec
+    return spec
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added with :func:`register_method` (built-in methods cannot be removed)."""
+    if name not in _REGISTERED:
+        raise ValueError(f"method {name!r} was not added with register_method; registered: {sorted(_REGISTERED)}.")
+    del _REGISTERED[name]
 
 
 def method_names() -> list[str]:
-    """Names of all registered methods."""
-    return list(_METHOD_MODULES)
+    """Names of all registered methods (built-in first, then those added with :func:`register_method`)."""
+    return [*_METHOD_MODULES, *(n for n in _REGISTERED if n not in _METHOD_MODULES)]
 
 
 def reference_method_names() -> list[str]:
@@ -112,9 +157,11 @@ def reference_method_names() -> list[str]:
 
 def get_method(name: str) -> MethodSpec:
     """The :class:`MethodSpec` for ``name`` (a method or a reference); ``ValueError`` naming the known ones else."""
+    if isinstance(name, str) and name in _REGISTERED:
+        return _REGISTERED[name]
     module = (_METHOD_MODULES.get(name) or _REFERENCE_MODULES.get(name)) if isinstance(name, str) else None
     if module is None:
-        known = ", ".join([*_METHOD_MODULES, *_REFERENCE_MODULES])
+        known = ", ".join([*method_names(), *_REFERENCE_MODULES])
         raise ValueError(f"method={name!r} is unknown; available methods: {known}.")
     return importlib.import_module(module).METHOD
 
@@ -128,7 +175,7 @@ def make_config(method_or_config: str | SparseConfig, **overrides: Any) -> Spars
         cfg = spec.config_cls()
         return cfg.replace(**overrides) if overrides else cfg
     raise TypeError(
-        f"method_or_config must be a method name ({', '.join(_METHOD_MODULES)}) or a config instance; "
+        f"method_or_config must be a method name ({', '.join(method_names())}) or a config instance; "
         f"got {type(method_or_config).__name__}."
     )
 

@@ -52,7 +52,7 @@ from vidsparse.config import (
 from vidsparse.layout import VideoLayout
 from vidsparse.plan import BlockPlan, finalize_plan, num_blocks
 
-from . import MethodSpec, PlanContext, build_plan
+from . import MethodSpec, ModelInfo, PlanContext, build_plan
 
 #: Storage formats of a searched pattern between steps (see :class:`CachedConfig`).
 STORAGE_FORMATS: tuple[str, ...] = ("indices", "bits")
@@ -607,12 +607,12 @@ def plan(
     return _online_plan(q, k, layout, config, ctx)
 
 
-def check_model(config: CachedConfig, transformers: list[torch.nn.Module]) -> None:
+def check_model(config: CachedConfig, models: list[ModelInfo]) -> None:
     """At :func:`vidsparse.apply`: a pattern file must have been made for these transformers (class, config)."""
     if config.mode == "offline":
         from .cached_patterns import load_patterns
 
-        load_patterns(config.patterns).check_model(transformers)
+        load_patterns(config.patterns).check_model(models)
 
 
 METHOD = MethodSpec(

@@ -34,7 +34,6 @@ float32 ``[M, L, H]`` (calibrated values), and string metadata: ``format``, ``fo
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import tempfile
@@ -47,6 +46,8 @@ import torch
 
 from vidsparse.layout import VideoLayout
 from vidsparse.plan import num_blocks
+
+from . import ModelInfo
 
 #: File format name and version written into the metadata.
 FORMAT = "vidsparse-cached-patterns"
@@ -165,14 +166,6 @@ def pattern_masks(
     return out
 
 
-def model_fingerprint(transformer: torch.nn.Module) -> str:
-    """A short hash of a transformer's config (class and architecture, not weights): 16 hex digits."""
-    config = getattr(transformer, "config", None)
-    items = {k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")}
-    text = json.dumps({"class": type(transformer).__name__, "config": items}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # -------------------------------------------------------------------------------------------------- the file
 def _grid_text(grid: tuple[int, int, int]) -> str:
     return "x".join(map(str, grid))
@@ -199,7 +192,7 @@ class PatternFile:
         recall: float32 ``[M, L, H]`` mean recall of the chosen pattern on the calibration runs.
         density: float32 ``[M, L, H]`` its density on the calibration grid.
         model_classes: Transformer class of each model.
-        fingerprints: :func:`model_fingerprint` of each model.
+        fingerprints: :func:`vidsparse.integration.model_fingerprint` of each model.
         grid: Calibration latent grid (T', H', W').
         block_size: Tokens per block.
         tile: Token order of the blocks (``None`` = raster).
@@ -265,19 +258,19 @@ class PatternFile:
         return bool((self.kinds == STRIPE).any())
 
     # ------------------------------------------------------------------------------------------------ checks
-    def check_model(self, transformers: list[torch.nn.Module]) -> None:
+    def check_model(self, models: list[ModelInfo]) -> None:
         """Raise ``ValueError`` unless the file was calibrated for exactly these transformers (class and config)."""
         where = f"patterns file {self.path!r}" if self.path else "patterns"
-        classes = tuple(type(t).__name__ for t in transformers)
-        if len(transformers) != len(self.model_classes):
+        classes = tuple(m.class_name for m in models)
+        if len(models) != len(self.model_classes):
             raise ValueError(
                 f"{where} was calibrated for {len(self.model_classes)} transformer(s) "
-                f"{list(self.model_classes)}; this pipeline has {len(transformers)} {list(classes)}."
+                f"{list(self.model_classes)}; this pipeline has {len(models)} {list(classes)}."
             )
-        for index, (t, cls, fp) in enumerate(zip(transformers, self.model_classes, self.fingerprints)):
-            if type(t).__name__ != cls:
-                raise ValueError(f"{where} was calibrated for a {cls} (model {index}); got a {type(t).__name__}.")
-            actual = model_fingerprint(t)
+        for index, (m, cls, fp) in enumerate(zip(models, self.model_classes, self.fingerprints)):
+            if m.class_name != cls:
+                raise ValueError(f"{where} was calibrated for a {cls} (model {index}); got a {m.class_name}.")
+            actual = m.fingerprint
             if actual != fp:
                 raise ValueError(
                     f"{where} was calibrated for another {cls} configuration (config fingerprint {fp}, "
@@ -561,7 +554,7 @@ class PatternRecorder:
 
     def classify(
         self,
-        transformers: list[torch.nn.Module],
+        models: list[ModelInfo],
         *,
         recall: float = 0.9,
         max_density: float = 0.5,
@@ -573,19 +566,18 @@ class PatternRecorder:
         expert of Wan 2.2 that did not run) stay dense too.
 
         Args:
-            transformers: The models calibrated (their classes and config fingerprints go into the file).
+            models: The transformers calibrated, described by :func:`vidsparse.integration.describe_models` (their
+                classes and config fingerprints go into the file; the layer count sizes it).
             recall: Target fraction of the attention mass kept.
             max_density: Densest pattern worth using instead of dense attention.
             info: Extra calibration settings written into the file.
         """
         if not self.stats:
             raise ValueError("nothing was recorded: no sparse-eligible attention call ran during calibration.")
-        from vidsparse.pipelines.registry import adapter_for
-
-        layers = max(len(adapter_for(t).attention_modules(t)) for t in transformers)
+        layers = max(m.num_layers for m in models)
         heads = next(iter(self.stats.values())).recall.shape[0]
         vb = next(iter(self.stats.values())).columns.shape[1]
-        m = len(transformers)
+        m = len(models)
         kinds = torch.zeros(m, layers, heads, dtype=torch.int32)
         params = torch.zeros(m, layers, heads, 2, dtype=torch.int32)
         columns = torch.zeros(m, layers, heads, vb, dtype=torch.bool)
@@ -622,8 +614,8 @@ class PatternRecorder:
             columns,
             recalls,
             densities,
-            tuple(type(t).__name__ for t in transformers),
-            tuple(model_fingerprint(t) for t in transformers),
+            tuple(m.class_name for m in models),
+            tuple(m.fingerprint for m in models),
             self.layout.grid,
             self.block_size,
             self.tile,

@@ -103,6 +103,7 @@ from typing import Any, ClassVar
 import torch
 
 from vidsparse.config import SparseConfig, check_fraction, check_int
+from vidsparse.kernels.planning import block_sums
 from vidsparse.layout import VideoLayout
 from vidsparse.plan import BlockPlan, finalize_plan, num_blocks
 
@@ -255,18 +256,6 @@ def region_stats(layout: VideoLayout, block_size: int, region_rows: int | None =
 
 
 # ------------------------------------------------------------------------------------------------- draft map
-def _segment_sums(video: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Float32 sums of ``video [B, N, H, D]`` over consecutive runs of ``block_size`` tokens: ``[B, Vb, H, D]``."""
-    b, n, h, d = video.shape
-    full = n // block_size
-    # dtype=float32 accumulates bf16/fp16 inputs in float32 without a float32 copy of the whole tensor.
-    sums = video[:, : full * block_size].view(b, full, block_size, h, d).sum(2, dtype=torch.float32)
-    if n % block_size:
-        tail = video[:, full * block_size :].sum(1, dtype=torch.float32)[:, None]
-        sums = torch.cat([sums, tail], dim=1)
-    return sums
-
-
 def pool_regions(
     x: torch.Tensor,
     layout: VideoLayout,
@@ -312,8 +301,8 @@ def pool_regions(
         )
     else:
         video = x.index_select(1, order + start)  # [B, Nv, H, D] in region order
-        sums = _segment_sums(video, block_size)
-        squares = _segment_sums(video.float().square(), block_size) if second_moment else None
+        sums = block_sums(video, block_size, dim=1)
+        squares = block_sums(video.float().square(), block_size, dim=1) if second_moment else None
     mean = (sums / counts).permute(0, 2, 1, 3)
     if squares is None:
         return mean, None

@@ -19,7 +19,7 @@ method's own measured density and in the method's own token order, and every met
 can still beat it (neither rule is the error optimum, which would need the values): a ratio below 1 says so,
 unclipped.
 
-It is registered as a *reference* method: ``vidsparse.plan("oracle", q, k, layout, density=0.25)`` and
+It is registered as a *reference* method: ``vidsparse.make_plan("oracle", q, k, layout, density=0.25)`` and
 ``vidsparse eval --methods oracle:density=0.25`` work, but it is not among :func:`~vidsparse.methods.method_names`
 (sweeps and benchmarks over "every method" leave it out: planning costs more than the dense attention it replaces).
 """
