@@ -28,24 +28,19 @@ from .metrics import psnr
 PROMPT = "a red circle moves right over a plain gray background"
 
 
-#: Settings under which a method takes a target density (moba's default threshold selection derives its density
-#: from ``tau``; its top-k selection keeps the ``density`` fraction of chunks).
-DENSITY_SETTINGS: dict[str, dict[str, Any]] = {"moba": {"selection": "topk"}}
-
-
 def density_methods() -> list[str]:
     """Registered methods that plan to a target density (``MethodSpec.targets_density``), in registry order."""
     return [name for name in method_names() if get_method(name).targets_density]
 
 
 def config_at_density(method: str, density: float) -> SparseConfig:
-    """The config of ``method`` at ``density``, with :data:`DENSITY_SETTINGS`.
+    """The config of ``method`` at ``density``, with its spec's ``density_options`` (MoBA: top-k selection).
 
     ``method`` is a name (one of :func:`density_methods`) or a CLI spec ``"name:opt=value,..."`` whose options win
     over both (``"cached:search_rows=none"``).
     """
     name, _, options = method.partition(":")
-    settings = {"density": density, **DENSITY_SETTINGS.get(name, {})}
+    settings = {"density": density, **get_method(name).density_options}
     defaults = ",".join(f"{key}={value}" for key, value in settings.items())
     return parse_method_spec(f"{name}:{defaults},{options}")  # later options override earlier ones
 

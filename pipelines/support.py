@@ -32,8 +32,6 @@ from .tiny import tiny_names as all_tiny_names
 #: not listed get only the shared defaults of :func:`tiny_method_config`.
 TINY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "window": {"window": 0},
-    # MoBA's default threshold selection has no density target; top-k selection plans to ``density``.
-    "moba": {"selection": "topk"},
 }
 
 #: Target density given to methods that have one, on the tiny pipelines.
@@ -93,7 +91,7 @@ def tiny_method_config(method: str, **overrides: Any) -> SparseConfig:
         "min_tokens": 0,
     }
     if spec.targets_density:
-        options["density"] = TINY_DENSITY
+        options.update(spec.density_options, density=TINY_DENSITY)  # e.g. MoBA's top-k selection
     options.update(TINY_METHOD_OPTIONS.get(method, {}))
     options.update(overrides)
     return make_config(method, **{k: v for k, v in options.items() if k in fields or k in overrides})

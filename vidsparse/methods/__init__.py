@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,8 +102,11 @@ class MethodSpec:
         plan: The planning function.
         static: True when the plan depends only on (layout, config): it is then built once per geometry.
         summary: One line for ``vidsparse models`` and the README.
-        targets_density: True when the method plans to its config's ``density`` target (so sweeps over densities
-            make sense for it); False for methods whose density follows from other options (``window``).
+        targets_density: True when the method can plan to its config's ``density`` target (so sweeps over
+            densities make sense for it); False for methods whose density follows from other options (``window``).
+        density_options: The options that put the method in that mode when its defaults do not: MoBA's default
+            threshold selection follows ``tau`` and refuses ``density``, so its entry is ``{"selection": "topk"}``.
+            Sweeps and the tiny-pipeline tests apply them with every density they set.
         check_model: Optional ``check_model(config, models)`` (``models``: a :class:`ModelInfo` per transformer),
             called by :func:`vidsparse.apply` before anything is installed: a method whose config refers to a
             model (a calibration file) raises a clear ``ValueError`` there instead of failing mid-generation.
@@ -116,6 +119,7 @@ class MethodSpec:
     summary: str
     targets_density: bool = False
     check_model: Callable[[Any, list[ModelInfo]], None] | None = None
+    density_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 #: Methods registered at run time with :func:`register_method` (name -> spec), e.g. a user's own method.

@@ -525,4 +525,5 @@ METHOD = MethodSpec(
     static=False,
     summary="VMoBA: 1-D/2-D/3-D chunks per layer, mean-key routing by top-k, head-global or threshold",
     targets_density=True,
+    density_options={"selection": "topk"},  # the default threshold selection follows tau, not a density
 )
