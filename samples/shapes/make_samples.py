@@ -6,7 +6,7 @@
 Writes into ``--out`` (default: this folder): ``renders.png`` (one row per prompt, 8 frames each, 2× upscaled),
 ``renders.gif`` (the prompts side by side, 1×), ``locality.png`` + ``locality.json`` (self-attention mass by temporal
 and by spatial distance, per layer, against the uniform-attention baseline) and ``prompt_following.json`` (does the
-clip show the prompted colour moving the prompted way; see ``prompt_following``).
+clip show the prompted colour moving the prompted way; see :mod:`vidsparse.eval.prompt_following`).
 """
 
 from __future__ import annotations
@@ -29,45 +29,12 @@ PROMPTS = [
     "a pink circle grows over a plain blue background",
 ]
 
-#: Prompts of the prompt-following check: colour x direction, on plain backgrounds the colour stands out of.
-FOLLOWING = [
-    (colour, direction, f"a {colour} {shape} moves {direction} over a plain {background} background")
-    for colour, shape, background in (("red", "circle", "gray"), ("yellow", "square", "blue"))
-    for direction in ("left", "right", "up", "down")
-]
-
-
-def prompt_following(frames: np.ndarray, colour: str, direction: str) -> dict[str, float | bool]:
-    """Track the pixels of the prompted shape colour through a clip and check the motion direction.
-
-    Args:
-        frames: float ``[T, H, W, 3]`` in [0, 1].
-        colour: A key of :data:`vidsparse.eval.procedural.SHAPE_COLORS`.
-        direction: "left", "right", "up" or "down".
-
-    Returns:
-        ``{"visible": at least 8 matching pixels in the first and last frame, "travel": displacement of their centre
-        along the prompted direction in pixels (positive = the prompted way), "follows": visible and travel > 4}``.
-    """
-    from vidsparse.eval.procedural import SHAPE_COLORS
-
-    target = np.asarray(SHAPE_COLORS[colour])
-    hits = np.linalg.norm(frames - target, axis=-1) < 0.25
-    ys, xs = np.mgrid[0 : frames.shape[1], 0 : frames.shape[2]]
-
-    def centre(mask: np.ndarray) -> np.ndarray:
-        return np.array([xs[mask].mean(), ys[mask].mean()]) if mask.sum() else np.array([np.nan, np.nan])
-
-    visible = bool(hits[0].sum() >= 8 and hits[-1].sum() >= 8)
-    axis, sign = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}[direction]
-    travel = float(sign * (centre(hits[-1])[axis] - centre(hits[0])[axis])) if visible else float("nan")
-    return {"visible": visible, "travel": round(travel, 2), "follows": bool(visible and travel > 4)}
-
 
 def main(argv: list[str] | None = None) -> int:
     """Render the sheet; prints one JSON line with timings and the output paths."""
     from vidsparse.eval.frame_grid import frame_grid
     from vidsparse.eval.locality import attention_locality
+    from vidsparse.eval.prompt_following import FOLLOWING, prompt_following
     from vidsparse.eval.video_io import write_video
     from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
 

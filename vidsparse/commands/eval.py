@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_sweep_args(p)
     p.set_defaults(func=run, sweep_parser=p)
-    inner = p.add_subparsers(dest="eval_command", metavar="{attention,report}")
+    inner = p.add_subparsers(dest="eval_command", metavar="{attention,arms,report}")
 
     from vidsparse.eval.attention_suite import add_suite_args, run_from_args
 
@@ -65,6 +65,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_suite_args(a)
     a.set_defaults(func=run_from_args)
+
+    from vidsparse.eval import arms as arms_module
+
+    m = inner.add_parser(
+        "arms",
+        help="training arms of the shipped model side by side: (LoRA, method) pairs on the same prompts and seeds",
+        description=arms_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument(
+        "--arm",
+        action="append",
+        required=True,
+        metavar="NAME=[LORA][@METHOD]",
+        help="an arm: 'base=' (no LoRA, stock attention), 'dense=runs/d', 'radial=runs/r@radial:density=0.25'",
+    )
+    m.add_argument("--reference", required=True, help="the arm the others are compared with (PSNR/SSIM/LPIPS, time)")
+    m.add_argument("--out", required=True, help="folder for arms.json and arms.png")
+    m.add_argument("--frames", type=int, default=61, help="clip length (default 61: twice the shipped model's 31)")
+    m.add_argument("--height", type=int, default=64)
+    m.add_argument("--width", type=int, default=64)
+    m.add_argument("--steps", type=int, default=10, help="denoising steps (default 10, the shipped model's)")
+    m.add_argument("--prompts", type=int, default=8, help="how many of the 8 prompt-following prompts (default 8)")
+    m.add_argument("--lpips", default="alex", choices=("alex", "vgg", "none"))
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=run_arms)
 
     r = inner.add_parser("report", help="rebuild report.json / report.md / index.html from the run files")
     r.add_argument("--out", required=True, help="the eval directory")
@@ -342,4 +368,58 @@ def run_report(args: argparse.Namespace) -> int:
     print(f"{len(report['rows'])} runs; wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'report.json'}")
     if report["skipped_files"]:
         print(f"skipped {len(report['skipped_files'])} incomplete run files", file=sys.stderr)
+    return 0
+
+
+def run_arms(args: argparse.Namespace) -> int:
+    """``vidsparse eval arms``: render every arm, write ``arms.json`` and ``arms.png`` into ``--out``."""
+    from imageio.v3 import imwrite
+
+    from vidsparse.eval.arms import check_arms, compare_arms, parse_arm, side_by_side
+    from vidsparse.eval.results import write_json_atomic
+
+    arms = [parse_arm(text) for text in args.arm]
+    check_arms(arms, args.reference)  # before any pipeline loads
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; expected a folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    result, clips = compare_arms(
+        arms,
+        reference=args.reference,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        prompts=args.prompts,
+        lpips_net=None if args.lpips == "none" else args.lpips,
+        progress=not args.quiet,
+    )
+    result["command"] = "vidsparse eval arms " + " ".join(
+        [
+            *(f"--arm {a}" for a in args.arm),
+            f"--reference {args.reference}",
+            f"--frames {args.frames}",
+            f"--height {args.height}",
+            f"--width {args.width}",
+            f"--steps {args.steps}",
+            f"--prompts {args.prompts}",
+            f"--lpips {args.lpips}",
+            "--out",
+            str(out),
+        ]
+    )
+    write_json_atomic(out / "arms.json", result)
+    imwrite(out / "arms.png", side_by_side(clips))
+    for name, arm in result["arms"].items():
+        scores = (
+            ""
+            if name == args.reference
+            else (f", vs {args.reference}: PSNR {arm['psnr']} dB, SSIM {arm['ssim']}, LPIPS {arm['lpips']}")
+        )
+        print(
+            f"{name}: follows {arm['follows']}/{arm['clips']}, visible frames {arm['visible_frames']:.2f}, "
+            f"render {arm['render_s_median']:.1f} s ({arm['render_time_vs_reference']:.2f}x){scores}"
+        )
+    print(f"wrote {out / 'arms.json'} and {out / 'arms.png'} (rows: {', '.join(result['arms'])})")
     return 0
