@@ -162,3 +162,16 @@ def test_report_md_escapes_user_strings(prompt):
     assert "<script>" not in text
     assert "](javascript" not in text
     assert "[radial — " in text and "](<clips/r1.mp4>)" in text  # our own link stays a link
+
+
+def test_cpp_build_is_keyed_by_what_changes_it():
+    """Issue 23 item 11: two checkouts / venvs with another source or flags get another build folder, not a rebuild."""
+    from vidsparse.kernels import cpp
+
+    source = cpp.SOURCE.read_bytes()
+    key = cpp.build_key()
+    assert key == cpp.build_key(source, list(cpp.CFLAGS))  # stable: the same inputs give the same name
+    assert len(key) == 12 and int(key, 16) >= 0
+    assert cpp.build_key(source + b"\n// edited") != key
+    assert cpp.build_key(source, [*cpp.CFLAGS, "-DEXTRA"]) != key
+    assert cpp.extension_name() == f"vidsparse_block_sparse_cpu_{key}"
