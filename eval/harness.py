@@ -41,6 +41,7 @@ from vidsparse.config import SparseConfig
 from vidsparse.integration import apply
 from vidsparse.methods import parse_method_spec
 
+from .out_dir import record as record_files
 from .results import (
     CLIPS_DIR,
     REFS_DIR,
@@ -418,7 +419,7 @@ class Runner:
             record["error"] = _error_record(err)
         record["finished_at"] = _now()
         record["wall_s"] = time.perf_counter() - t0
-        write_json_atomic(run_path(self.out_dir, job.run_id), record)
+        record_files(self.out_dir, [write_json_atomic(run_path(self.out_dir, job.run_id), record)])
         self.done.add(job.run_id)
         return record
 
@@ -430,10 +431,10 @@ class Runner:
         pipe = self.pipeline(job)
         frames, timing, _ = self._measure(pipe, job)
         frames_rel, clip_rel = self._ref_paths(job.ref_id)
-        write_npy_atomic(self.out_dir / frames_rel, frames)
+        record_files(self.out_dir, [write_npy_atomic(self.out_dir / frames_rel, frames)])
         artifacts = {"frames": str(frames_rel)}
         if _even(frames):
-            write_video(self.out_dir / clip_rel, frames, fps=self.fps)
+            record_files(self.out_dir, [write_video(self.out_dir / clip_rel, frames, fps=self.fps)])
             artifacts["clip"] = str(clip_rel)
         return {"timing": timing, "artifacts": artifacts, "shape": list(frames.shape)}
 
@@ -478,10 +479,11 @@ class Runner:
         artifacts = {}
         if _even(clip):
             artifacts["side_by_side_mp4"] = str(Path(CLIPS_DIR) / f"{job.run_id}.mp4")
-            write_video(self.out_dir / artifacts["side_by_side_mp4"], clip, fps=self.fps)
+            record_files(self.out_dir, [write_video(self.out_dir / artifacts["side_by_side_mp4"], clip, fps=self.fps)])
         stride = max(1, math.ceil(clip.shape[1] / GIF_MAX_HEIGHT))
         artifacts["side_by_side_gif"] = str(Path(CLIPS_DIR) / f"{job.run_id}.gif")
-        write_video(self.out_dir / artifacts["side_by_side_gif"], clip[:, ::stride, ::stride], fps=self.fps)
+        gif = write_video(self.out_dir / artifacts["side_by_side_gif"], clip[:, ::stride, ::stride], fps=self.fps)
+        record_files(self.out_dir, [gif])
         return {
             "timing": timing,
             "sparsity": _combine_stats(summaries),

