@@ -41,6 +41,7 @@ import torch
 from vidsparse.plan import BlockPlan
 
 from .gather import _blocked
+from .registry import Executor
 
 #: The kernel's source, compiled on first use.
 SOURCE = Path(__file__).with_name("csrc") / "block_sparse_cpu.cpp"
@@ -150,19 +151,7 @@ def cpp_block_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block-sparse attention with the compiled CPU kernel.
-
-    Args:
-        q, k, v: float32 ``[B, H, S, D]`` in *plan order*, on the CPU.
-        plan: The plan, on the CPU (its B and H broadcast).
-        scale: Softmax scale; default ``1/sqrt(D)``.
-        return_lse: Also return the natural-log LSE ``[B, H, S]`` (float32, plan order).
-        key_padding_mask: Optional bool ``[B, S]`` in plan order; True keys may be attended.
-        causal_groups: Optional int ``[B or 1, S]`` in plan order: a query sees a key only when the key's group is
-            not greater than its own.
-
-    Returns:
-        ``(out [B, H, S, D], lse or None)``; a query that sees no key gets zeros (LSE ``-inf``).
+    """The ``cpp`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`): float32 on the CPU.
 
     Raises:
         ValueError: ``q`` is not float32 or not on the CPU.
@@ -189,3 +178,15 @@ def cpp_block_sparse_attention(
     kernel.block_sparse_attention_cpu(q_blocks, k_blocks, v_blocks, kv_num, kv_idx, s, h, scale, keep, groups, out, lse)
     out = out.view(b, h, qb * bs, d)[:, :, :s]
     return out, (lse.view(b, h, qb * bs)[:, :, :s] if return_lse else None)
+
+
+EXECUTOR = Executor(
+    name="cpp",
+    run=cpp_block_sparse_attention,
+    summary="block-sparse flash-attention kernel in C++: the fast path on the CPU, float32",
+    devices=("cpu",),
+    dtypes=(torch.float32,),
+    has_backward=False,
+    available=lambda: cpp_kernel_available(),  # looked up per call, so a test can stand in for a failed build
+    unavailable="the cpp CPU kernel could not be built here (see vidsparse.kernels.cpp.load_cpp_kernel())",
+)

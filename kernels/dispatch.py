@@ -1,50 +1,38 @@
 """Executors: run attention under a :class:`~vidsparse.plan.BlockPlan`.
 
 One entry point, :func:`block_sparse_attention`, takes q/k/v in diffusers' ``(B, S, H, D)`` layout and original token
-order, and dispatches to an executor:
+order, checks them, and dispatches to an executor of the registry (:mod:`vidsparse.kernels.registry`, in ``auto``'s
+order of preference):
 
-- ``reference``: dense SDPA with the plan's boolean mask: the specification, O(S²), for tests.
+- ``triton``: the block-sparse flash-attention kernel of :mod:`vidsparse.kernels.block_sparse_attn`: the fast path
+  on CUDA.
 - ``cpp``: a block-sparse flash-attention kernel for the CPU, compiled from C++ on first use
   (:mod:`vidsparse.kernels.cpp`): the fast path on CPU, float32.
 - ``gather``: batched dense SDPA over the gathered key/value blocks of each group of query blocks
   (:mod:`vidsparse.kernels.gather`): any dtype, no compiler needed; the CPU fallback (faster than compiled
   FlexAttention there).
 - ``flex``: compiled FlexAttention over the plan's BlockMask: portable to CPU and GPU.
-- ``triton``: the block-sparse flash-attention kernel of :mod:`vidsparse.kernels.block_sparse_attn`: the fast path
-  on CUDA.
-- ``auto``: triton on CUDA; on CPU cpp for float32 (gather for other dtypes, or where the kernel cannot be built:
-  one warning); flex elsewhere.
+- ``reference``: dense SDPA with the plan's boolean mask: the specification, O(S²), for tests.
+- ``auto``: the first of these that fits the device and dtype and is available here (:func:`resolve_backend`).
 
-Executors other than ``reference`` work in *plan order*: the permutation is applied here, once, for all of them.
+Executors registered with ``plan_order`` (all but ``reference``) work in *plan order*: the permutation is applied
+here, once, for all of them.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 
-from vidsparse.config import SUPPORTED_BACKENDS, check_choice
 from vidsparse.plan import BlockPlan
 
-from .cpp import cpp_block_sparse_attention, cpp_kernel_available
-from .flex import flex_block_sparse_attention
-from .gather import gather_block_sparse_attention
+from .cpp import cpp_kernel_available
 from .masks import restrict_to_causal_groups
-from .reference import reference_attention
+from .registry import AUTO, Executor, backend_names, executors, get_executor
+from .triton_executor import triton_available
 
 __all__ = ["block_sparse_attention", "cpp_kernel_available", "resolve_backend", "triton_available"]
-
-
-@functools.cache
-def triton_available() -> bool:
-    """True when Triton and its block-sparse kernel import (the kernel itself needs CUDA unless interpreted)."""
-    try:
-        from . import block_sparse_attn  # noqa: F401
-    except Exception:  # any import problem means "not available": auto falls back with a warning
-        return False
-    return True
 
 
 _warned: set[str] = set()
@@ -59,31 +47,35 @@ def _warn_once(key: str, message: str) -> None:
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Turn ``"auto"`` into a concrete executor for ``device`` (and ``dtype``, when known); check an explicit choice.
 
-    On CPU ``auto`` is ``cpp`` for float32 (or an unknown dtype) where its kernel builds, else ``gather``; the first
-    ``auto`` call on CPU may compile the kernel (about 30 s, once per :func:`~vidsparse.kernels.cpp.build_key`).
+    ``auto`` is the first registered executor (:func:`~vidsparse.kernels.registry.executors`, in order) that is
+    made for the device type and computes the dtype, and that is available here: triton on CUDA; on CPU cpp for
+    float32 (or an unknown dtype), gather for other dtypes; flex elsewhere. Skipping an executor that would fit but
+    is unavailable (no compiler for cpp, no Triton on CUDA) warns once. The first ``auto`` call on CPU may compile
+    the cpp kernel (about 30 s, once per :func:`~vidsparse.kernels.cpp.build_key`).
+
+    Raises:
+        ValueError: ``backend`` is not a registered name or ``"auto"``.
     """
-    check_choice("backend", backend, SUPPORTED_BACKENDS)
-    if backend == "auto":
-        if device.type == "cuda" and triton_available():
-            return "triton"
-        if device.type == "cuda":
-            _warn_once("auto-cuda", "vidsparse: Triton kernel unavailable on CUDA; backend='auto' uses FlexAttention.")
-            return "flex"
-        if device.type != "cpu":
-            return "flex"
-        if dtype not in (None, torch.float32):
-            return "gather"  # the C++ kernel is float32 only
-        if cpp_kernel_available():
-            return "cpp"
-        _warn_once(
-            "auto-cpu",
-            "vidsparse: the cpp CPU kernel could not be built here (see vidsparse.kernels.cpp.load_cpp_kernel()); "
-            "backend='auto' uses the slower gather executor.",
-        )
-        return "gather"
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' requested but the Triton kernel could not be imported.")
-    return backend
+    if backend == AUTO:
+        return _auto(device, dtype).name
+    return get_executor(backend).name  # an explicit executor that cannot run here raises its own reason when run
+
+
+def _auto(device: torch.device, dtype: torch.dtype | None) -> Executor:
+    """The executor ``auto`` picks (see :func:`resolve_backend`)."""
+    skipped = []
+    for spec in executors():
+        if not (spec.runs_on(device.type) and spec.computes(dtype)):
+            continue
+        if spec.available():
+            for name, reason in skipped:
+                _warn_once(f"auto-{name}-{device.type}", f"vidsparse: {reason}; backend='auto' uses {spec.name}.")
+            return spec
+        skipped.append((spec.name, spec.unavailable or f"the {spec.name} executor is not available here"))
+    raise RuntimeError(
+        f"backend='auto' found no executor for device={device.type}, dtype={dtype}; registered: "
+        f"{', '.join(backend_names()[1:])}."
+    )
 
 
 def block_sparse_attention(
@@ -103,7 +95,7 @@ def block_sparse_attention(
     Args:
         q, k, v: ``[B, S, H, D]`` (diffusers layout), original token order, same dtype.
         plan: Block plan for sequence length ``S``; its B and H dimensions broadcast (1 or equal to q's).
-        backend: ``"auto"``, ``"cpp"``, ``"gather"``, ``"flex"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` or a registered executor's name (:func:`~vidsparse.kernels.registry.backend_names`).
         scale: Softmax scale, default ``1/sqrt(D)``.
         return_lse: Also return the natural-log log-sum-exp per query, float32 ``[B, H, S]`` (original order).
         key_padding_mask: Optional bool ``[B, S]``; False marks keys nobody may attend (padded text). It is ANDed
@@ -135,64 +127,38 @@ def block_sparse_attention(
         if causal_groups.dtype.is_floating_point or causal_groups.dtype == torch.bool:
             raise ValueError(f"causal_groups must hold integers; got {causal_groups.dtype}.")
         causal_groups = causal_groups.to(device=q.device, dtype=torch.int32)
-    name = resolve_backend(backend, q.device, q.dtype)
+    spec = get_executor(resolve_backend(backend, q.device, q.dtype))
     plan = plan.to(q.device)
     if causal_groups is not None:
         groups_in_plan_order = causal_groups if plan.perm is None else causal_groups.index_select(1, plan.perm)
         plan = restrict_to_causal_groups(plan, groups_in_plan_order)
 
-    if name == "reference":
-        out, lse = reference_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
+    kwargs = {"scale": scale, "return_lse": return_lse}
+    if not spec.plan_order:
+        out, lse = spec.run(
+            *(x.transpose(1, 2) for x in (q, k, v)),
             plan,
-            scale=scale,
-            return_lse=return_lse,
+            **kwargs,
             key_padding_mask=key_padding_mask,
             causal_groups=causal_groups,
         )
         out = out.transpose(1, 2)
         return (out, lse) if return_lse else out
 
-    # Plan order: gather once here for every fast executor, scatter back below.
+    # Plan order: gather once here for every plan-order executor, scatter back below.
     if plan.perm is not None:
         q, k, v = (x.index_select(1, plan.perm) for x in (q, k, v))
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.index_select(1, plan.perm)
         if causal_groups is not None:
             causal_groups = groups_in_plan_order
-    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    if name in ("cpp", "gather", "flex"):  # the CPU executors share one signature
-        executor = {
-            "cpp": cpp_block_sparse_attention,
-            "gather": gather_block_sparse_attention,
-            "flex": flex_block_sparse_attention,
-        }[name]
-        out, lse = executor(
-            qh,
-            kh,
-            vh,
-            plan,
-            scale=scale,
-            return_lse=return_lse,
-            key_padding_mask=key_padding_mask,
-            causal_groups=causal_groups,
-        )
-    else:
-        from .block_sparse_attn import block_sparse_attn
-
-        out, lse = block_sparse_attn(
-            qh.contiguous(),
-            kh.contiguous(),
-            vh.contiguous(),
-            plan.kv_num,
-            plan.kv_idx,
-            block_size=plan.block_size,
-            scale=scale,
-            key_padding_mask=key_padding_mask,
-            causal_groups=causal_groups,
-        )
+    out, lse = spec.run(
+        *(x.transpose(1, 2) for x in (q, k, v)),
+        plan,
+        **kwargs,
+        key_padding_mask=key_padding_mask,
+        causal_groups=causal_groups,
+    )
     out = out.transpose(1, 2)
     if plan.perm is not None:
         inv = plan.inv_perm

@@ -19,6 +19,7 @@ import torch
 from vidsparse.plan import BlockPlan, block_mask_to_indices
 
 from .masks import fully_visible_pairs
+from .registry import Executor
 
 _compiled: Callable | None = None
 _warned_cpu_lse = False
@@ -107,19 +108,9 @@ def flex_block_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block-sparse attention with FlexAttention.
+    """The ``flex`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`): compiled FlexAttention.
 
-    Args:
-        q, k, v: ``[B, H, S, D]`` in *plan order*.
-        plan: The plan, on the same device as ``q``.
-        scale: Softmax scale; default ``1/sqrt(D)``.
-        return_lse: Also return the natural-log LSE ``[B, H, S]`` (float32, plan order).
-        key_padding_mask: Optional bool ``[B, S]`` in plan order; True keys may be attended.
-        causal_groups: Optional int ``[B or 1, S]`` in plan order: a query sees a key only when the key's group is
-            not greater than its own.
-
-    Returns:
-        ``(out [B, H, S, D], lse or None)``.
+    Runs on CPU and GPU; gradients on CUDA only (torch compiles FlexAttention for inference only on the CPU).
     """
     from torch.nn.attention.flex_attention import AuxRequest
 
@@ -167,3 +158,12 @@ def flex_block_sparse_attention(
             causal_groups=causal_groups,
         )
     return out, lse
+
+
+EXECUTOR = Executor(
+    name="flex",
+    run=flex_block_sparse_attention,
+    summary="compiled FlexAttention over the plan's BlockMask: portable to CPU and GPU",
+    has_backward=True,
+    backward_devices=("cuda",),
+)

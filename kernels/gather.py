@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 from vidsparse.plan import BlockPlan
 
+from .registry import Executor
+
 #: Gathered key tokens per SDPA call (over the rows of a chunk; a single group longer than this is one call): bounds
 #: the gathered K/V copies to 2 x 2^13 tokens x 64 dims x 4 bytes = 4 MiB in float32, which stay in cache between
 #: the gather and the kernel. Measured at 32 760 / 14 040 tokens, density 0.25, one thread, interleaved: draft, radial
@@ -336,22 +338,14 @@ def gather_block_sparse_attention(
     chunk_tokens: int | None = None,
     split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block-sparse attention as batched SDPA calls over gathered key/value blocks.
+    """The ``gather`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`): SDPA over gathered blocks.
 
-    Args:
-        q, k, v: ``[B, H, S, D]`` in *plan order*.
-        plan: The plan, on the same device as ``q`` (its B and H broadcast).
-        scale: Softmax scale; default ``1/sqrt(D)``.
-        return_lse: Also return the natural-log LSE ``[B, H, S]`` (float32, plan order).
-        key_padding_mask: Optional bool ``[B, S]`` in plan order; True keys may be attended.
-        causal_groups: Optional int ``[B or 1, S]`` in plan order: a query sees a key only when the key's group is
-            not greater than its own.
+    Batched SDPA calls over the gathered key/value blocks of groups of query blocks; any dtype, any device.
+
+    Args (beyond the executors' own):
         chunk_tokens: Gathered key tokens per SDPA call (memory bound: ``2 * chunk_tokens * D`` elements).
         split: Compute windows of query blocks against their shared keys in long calls and merge the
             rest by LSE (:func:`gather_schedule`); default: on the CPU, where short-query SDPA calls are slow.
-
-    Returns:
-        ``(out [B, H, S, D], lse or None)``.
     """
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -416,3 +410,12 @@ def gather_block_sparse_attention(
     if lse is not None:
         lse = lse.view(b, h, qb * bs)[:, :, :s]
     return out, lse
+
+
+EXECUTOR = Executor(
+    name="gather",
+    run=gather_block_sparse_attention,
+    summary="batched SDPA over the gathered key/value blocks: any dtype, no compiler; the CPU fallback",
+    devices=("cpu",),
+    has_backward=False,
+)

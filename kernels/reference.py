@@ -13,6 +13,8 @@ import torch
 
 from vidsparse.plan import BlockPlan
 
+from .registry import Executor
+
 
 def reference_attention(
     q: torch.Tensor,
@@ -25,19 +27,9 @@ def reference_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Masked dense attention.
+    """The ``reference`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`): masked dense attention.
 
-    Args:
-        q, k, v: ``[B, H, S, D]`` in the original token order.
-        plan: The block plan (its mask is expanded to tokens and un-permuted).
-        scale: Softmax scale; default ``1/sqrt(D)``.
-        return_lse: Also return the natural-log log-sum-exp of each query row.
-        key_padding_mask: Optional bool ``[B, S]``, True for keys that may be attended (ANDed with the plan).
-        causal_groups: Optional int ``[B or 1, S]``: query ``i`` may attend key ``j`` only when
-            ``causal_groups[j] <= causal_groups[i]`` (block-causal masks; ANDed with the plan).
-
-    Returns:
-        ``(out [B, H, S, D], lse float32 [B, H, S] or None)``.
+    It takes the *original* token order (``plan_order=False``): the plan's mask is expanded to tokens and un-permuted.
     """
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -47,11 +39,22 @@ def reference_attention(
     if causal_groups is not None:
         mask = mask & (causal_groups[:, None, None, :] <= causal_groups[:, None, :, None])
     mask = mask.expand(b, h, s, s)
-    # Computed in float32 with an explicit softmax: it is the oracle, precision matters more than speed.
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    # Computed in float32 (float64 for float64 inputs, so that gradcheck can check it) with an explicit softmax: it is
+    # the oracle, precision matters more than speed.
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
     probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (only possible with key padding) give 0
-    out = torch.matmul(probs, v.float()).to(q.dtype)
+    out = torch.matmul(probs, v.to(compute)).to(q.dtype)
     return out, (lse if return_lse else None)
+
+
+EXECUTOR = Executor(
+    name="reference",
+    run=reference_attention,
+    summary="dense SDPA with the plan's boolean mask: the specification, O(S^2), for tests",
+    has_backward=True,
+    plan_order=False,
+)

@@ -37,3 +37,25 @@ def has_cxx_compiler() -> bool:
     import shutil
 
     return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+def cpu_executors(*, dtype: torch.dtype | None = None, interpreted: bool = False) -> list[str]:
+    """The test matrix, from the executor registry: the executors made for the CPU, other than ``reference`` (the
+    oracle they are compared to), that compute ``dtype`` (None: any).
+
+    ``cpp`` is in it wherever a C++ compiler exists (not merely where its kernel happens to build, so a broken build
+    fails the tests instead of leaving them out). ``interpreted`` adds the executors that run on CPU tensors only
+    under Triton's interpreter (``triton``, when Triton imports).
+    """
+    from vidsparse.kernels.registry import executors
+
+    names = []
+    for spec in executors():
+        if spec.name == "reference" or not spec.computes(dtype):
+            continue
+        if spec.runs_on("cpu"):
+            if spec.name != "cpp" or has_cxx_compiler():
+                names.append(spec.name)
+        elif interpreted and spec.name == "triton" and spec.available():
+            names.append(spec.name)
+    return names

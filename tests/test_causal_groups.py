@@ -7,9 +7,9 @@ CPU) against the reference, with and without a permutation and a key padding mas
 
 import pytest
 import torch
-from helpers import has_cxx_compiler, qkv, random_plan
+from helpers import cpu_executors, qkv, random_plan
 
-from vidsparse.kernels.dispatch import block_sparse_attention, triton_available
+from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.kernels.masks import fully_visible_pairs, restrict_to_causal_groups
 
 # 300 tokens = 4 full blocks of 64 and a partial one; "frames" of 45 tokens in causal blocks of 2 frames (90 tokens):
@@ -36,7 +36,7 @@ def test_reference_matches_explicit_masked_softmax():
     assert (out - block_sparse_attention(q, k, v, plan, backend="reference")).abs().max() > 1e-3
 
 
-BACKENDS = (["cpp"] if has_cxx_compiler() else []) + ["flex", "gather"] + (["triton"] if triton_available() else [])
+BACKENDS = cpu_executors(interpreted=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

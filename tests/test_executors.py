@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import has_cxx_compiler, qkv, random_plan
+from helpers import cpu_executors, has_cxx_compiler, qkv, random_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,9 +11,9 @@ from vidsparse.plan import BlockPlan
 # Fixed shapes: flex compiles once per shape (tests vary plan *data*, never shapes, to stay fast).
 B, S, H, D = 2, 300, 3, 16
 
-#: The fast executors that run on CPU; each must match the reference exactly (float32 tolerance). cpp needs a C++
-#: compiler (this project's machines have one; without one auto falls back to gather, tested below).
-CPU_BACKENDS = (["cpp"] if has_cxx_compiler() else []) + ["flex", "gather"]
+#: The fast executors that run on CPU (from the registry); each must match the reference exactly (float32 tolerance).
+#: cpp needs a C++ compiler (this project's machines have one; without one auto falls back to gather, tested below).
+CPU_BACKENDS = cpu_executors()
 needs_compiler = pytest.mark.skipif(not has_cxx_compiler(), reason="no C++ compiler: the cpp kernel cannot be built")
 
 
@@ -88,7 +88,7 @@ def test_flex_does_not_recompile_for_new_plan_data():
     assert counters["stats"]["unique_graphs"] == before
 
 
-@pytest.mark.parametrize("backend", ["auto", "flex", "gather"])  # cpp is float32 only: auto hands bf16 to gather
+@pytest.mark.parametrize("backend", ["auto", *cpu_executors(dtype=torch.bfloat16)])  # auto hands bf16 to gather
 def test_bf16_close_to_fp32_reference(backend):
     q, k, v = qkv(B, S, H, D, seed=8)
     plan = random_plan(S, 64, density=0.4, seed=8)
@@ -122,7 +122,7 @@ def test_auto_falls_back_to_gather_when_the_kernel_cannot_be_built(monkeypatch):
         raise RuntimeError("the cpp executor's kernel could not be built: no compiler")
 
     monkeypatch.setattr(cpp, "load_cpp_kernel", broken_build)
-    monkeypatch.setattr(kernels, "cpp_kernel_available", lambda: False)
+    monkeypatch.setattr(cpp, "cpp_kernel_available", lambda: False)
     monkeypatch.setattr(kernels, "_warned", set())
     q, k, v = qkv(1, 130, 2, 8, seed=12)
     plan = random_plan(130, 64, density=0.5, seed=12)
@@ -316,3 +316,57 @@ def test_draft_plans_run_mostly_in_multi_block_calls():
     single = pairs_by_width.get(1, 0) / sum(pairs_by_width.values())
     assert single < 0.45, pairs_by_width
     assert max(pairs_by_width) >= 4
+
+
+def test_registry_drives_config_auto_and_cli(monkeypatch):
+    """A new executor is one file with an ``EXECUTOR`` entry plus one registry line: configs accept its name, the
+    dispatcher runs it (in plan order), ``auto`` picks it where it is preferred and fits, and the CLI offers it."""
+    import sys
+    import types
+
+    from vidsparse.commands.common import add_backend_arg
+    from vidsparse.kernels import registry
+    from vidsparse.kernels.dispatch import resolve_backend
+    from vidsparse.kernels.reference import reference_attention
+    from vidsparse.methods import make_config
+
+    calls = []
+
+    def fake_run(q, k, v, plan, **kwargs):
+        calls.append(q.shape)
+        plain = BlockPlan(plan.kv_num, plan.kv_idx, plan.block_size, plan.seq_len)  # inputs arrive in plan order
+        return reference_attention(q, k, v, plain, **kwargs)
+
+    module = types.ModuleType("fake_executor")
+    module.EXECUTOR = registry.Executor("fake", fake_run, "test", devices=("cpu",), dtypes=(torch.float64,))
+    monkeypatch.setitem(sys.modules, "fake_executor", module)
+    with pytest.raises(ValueError, match="backend='fake' is invalid"):
+        make_config("radial", backend="fake")
+    monkeypatch.setattr(registry, "_EXECUTOR_MODULES", {"fake": "fake_executor", **registry._EXECUTOR_MODULES})
+    assert make_config("radial", backend="fake").backend == "fake"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float64) == "fake"  # first in order, fits
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) != "fake"  # not its dtype
+    q, k, v = (x.double() for x in qkv(1, 130, 2, 8, seed=13))
+    plan = random_plan(130, 64, density=0.5, seed=13, perm=True)
+    out = block_sparse_attention(q, k, v, plan, backend="fake")
+    assert calls == [(1, 2, 130, 8)]  # [B, H, S, D]
+    # Equal to the reference only if the dispatcher applied the permutation (the fake ignores plan.perm).
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, plan, backend="reference"))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_backend_arg(parser)
+    assert parser.parse_args(["--backend", "fake"]).backend == "fake"
+    assert "fake" in parser.format_help()
+
+
+def test_registry_entries_are_consistent():
+    from vidsparse.config import SparseConfig
+    from vidsparse.kernels.registry import backend_names, executor_names, executors
+
+    assert backend_names() == ("auto", *executor_names())
+    assert [spec.name for spec in executors()] == list(executor_names())
+    for name in backend_names():
+        assert SparseConfig(backend=name).backend == name
+    with pytest.raises(ValueError, match=r"backend='cuda' is invalid: expected one of 'auto', 'triton'"):
+        SparseConfig(backend="cuda")

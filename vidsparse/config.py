@@ -18,8 +18,6 @@ from typing import Any, ClassVar
 
 #: Block sizes the executors support (FlexAttention and the Triton kernel tile by these).
 SUPPORTED_BLOCK_SIZES: tuple[int, ...] = (64, 128)
-#: Executor names accepted by ``backend=``.
-SUPPORTED_BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "gather", "flex", "triton")
 
 
 def check_fraction(name: str, value: float | None, *, allow_none: bool = False, low_open: bool = True) -> None:
@@ -91,8 +89,8 @@ class SparseConfig:
         dense_above_timestep: Also run dense while the scheduler timestep is above this value (the rule of
             DraftAttention / Sparse-VideoGen, e.g. 925 of 1000); ``None`` disables it.
         min_tokens: Self-attention over fewer video tokens than this runs dense (sparsity does not pay there).
-        backend: Executor: ``"auto"`` (triton on CUDA; on CPU cpp for float32, gather otherwise), ``"cpp"``,
-            ``"gather"``, ``"flex"``, ``"triton"`` or ``"reference"``.
+        backend: Executor: ``"auto"`` (triton on CUDA; on CPU cpp for float32, gather otherwise) or a registered
+            executor's name (:func:`vidsparse.kernels.registry.backend_names`).
     """
 
     method: ClassVar[str] = ""
@@ -121,7 +119,11 @@ class SparseConfig:
                 f"dense_above_timestep={self.dense_above_timestep!r} is invalid: expected a number or None."
             )
         check_int("min_tokens", self.min_tokens)
-        check_choice("backend", self.backend, SUPPORTED_BACKENDS)
+        # The executor registry is names only until an executor is asked for: importing it builds no kernel. It is
+        # imported here, not at the top: this module loads before vidsparse maps its ``kernels`` folder.
+        from vidsparse.kernels.registry import backend_names
+
+        check_choice("backend", self.backend, backend_names())
 
     def replace(self, **overrides: Any) -> SparseConfig:
         """Return a copy with ``overrides`` applied (validated); unknown names raise ``TypeError`` naming them."""

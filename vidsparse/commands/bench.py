@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .common import resolve_device, resolve_dtype
+from .common import add_backend_arg, resolve_device, resolve_dtype
 
 DEFAULT_E2E_DENSITY = 0.25
 
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
     a.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
     a.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (medians; default: 3)")
-    a.add_argument("--backend", default="auto", help="executor: auto, cpp, gather, flex, triton (default: auto)")
+    add_backend_arg(a, default="auto")
     a.set_defaults(func=run_attention)
 
     e = inner.add_parser("e2e", help="a few denoising steps of WanTransformer3DModel, dense vs each method")
@@ -170,7 +170,7 @@ def _add_scaling_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
     s.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
     s.add_argument("--repeats", type=int, default=3, help="rounds at the shortest length, fewer above (default: 3)")
-    s.add_argument("--backend", default="auto", help="executor: auto, cpp, gather, flex, triton (default: auto)")
+    add_backend_arg(s, default="auto")
 
 
 def _check_positive(name: str, value: int | None) -> None:

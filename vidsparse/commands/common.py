@@ -57,6 +57,19 @@ def add_lora_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_backend_arg(parser: argparse.ArgumentParser, *, default: str | None = None, what: str = "executor") -> None:
+    """``--backend NAME``: ``auto`` or one of the executor registry's names (choices and help come from it)."""
+    from vidsparse.kernels.registry import backend_names
+
+    parser.add_argument(
+        "--backend",
+        default=default,
+        choices=backend_names(),
+        metavar="NAME",
+        help=f"{what}: {', '.join(backend_names())}" + (" (default: %(default)s)" if default else ""),
+    )
+
+
 def add_method_args(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_METHOD) -> None:
     """``--method`` and the shared method options; ``--opt key=value`` for method-specific ones."""
     parser.add_argument(
@@ -70,7 +83,7 @@ def add_method_args(parser: argparse.ArgumentParser, *, default: str | None = DE
     parser.add_argument("--dense-steps", type=step_count, help="first N steps dense (int) or a fraction (float)")
     parser.add_argument("--dense-last-steps", type=step_count, help="last N steps dense (int) or a fraction")
     parser.add_argument("--dense-layers", type=int, help="first N transformer blocks dense")
-    parser.add_argument("--backend", help="auto, cpp, gather, flex, triton or reference")
+    add_backend_arg(parser, what="executor (default: the config's, auto)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
 
 

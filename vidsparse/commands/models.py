@@ -16,6 +16,8 @@ import argparse
 import json
 from typing import Any
 
+from .common import add_backend_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``models`` sub-command."""
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--method", action="append", default=None, metavar="NAME", help="matrix columns (default: all)")
     p.add_argument("--steps", type=int, default=2, help="denoising steps per matrix generation (default: %(default)s)")
-    p.add_argument("--backend", default="auto", help="executor for the matrix runs (default: %(default)s)")
+    add_backend_arg(p, default="auto", what="executor for the matrix runs")
     p.add_argument("--results-json", default=None, metavar="PATH", help="also write the matrix results as JSON here")
     p.set_defaults(func=run)
 
