@@ -80,6 +80,22 @@ def test_gradients_match_reference(s, block, plan_b, plan_h, density, perm, padd
     assert_same_grads(q, k, v, plan, seed=seed, with_lse=with_lse, **masks)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_both_kernel_paths_match_reference(threads):
+    """One (batch, head) pair: with 1 thread the kernel's one-pass-per-head path, with 4 its two-pass path."""
+    s = 257
+    q, k, v = qkv(1, s, 1, 16, seed=11)
+    plan = make_plan(s, 64, b=1, h=1, density=0.5, seed=11, perm=True)
+    keep = torch.rand(1, s, generator=torch.Generator().manual_seed(11)) > 0.2
+    groups = torch.randint(0, 3, (1, s), generator=torch.Generator().manual_seed(12))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_same_grads(q, k, v, plan, seed=11, with_lse=True, key_padding_mask=keep, causal_groups=groups)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_empty_rows_get_zero_gradient():
     """Queries of a batch whose keys are all padded see nothing: zero output, zero dq, and their k/v get none."""
     s = 130

@@ -305,6 +305,102 @@ void block_sparse_attention_backward_cpu(const at::Tensor& q_blocks, const at::T
   const float alpha = static_cast<float>(scale);
   const int64_t cap = kChunkKeys + bs;  // a chunk takes whole blocks until it holds >= kChunkKeys rows
 
+  // The dK/dV work of key block r (B*H*Qb numbering) over the query blocks that keep it; with fuse_dq also its
+  // share of those query blocks' dQ (dQ_i += scale * dS_i . K_j), for a task that owns the whole head.
+  struct KeyBuffers {
+    AlignedBuffer qbuf, dobuf, probs, dscores;
+    std::vector<float> chunk_lse, chunk_delta;
+    std::vector<int32_t> chunk_groups;
+    std::vector<uint8_t> key_ok;
+    std::vector<int64_t> segments;  // (query block row, offset in the chunk, rows) per query block of the chunk
+    KeyBuffers(int64_t cap, int64_t bs, int64_t dim, bool with_groups)
+        : qbuf(cap * dim), dobuf(cap * dim), probs(bs * cap), dscores(bs * cap), chunk_lse(cap), chunk_delta(cap),
+          chunk_groups(with_groups ? cap : 0), key_ok(bs) {}
+  };
+  auto key_block = [&](int64_t r, KeyBuffers& buf, bool fuse_dq) {
+    const int64_t head_row = r / qb, j = r % qb, batch = head_row / heads;
+    const int64_t n = qnump[r], kc = std::min(bs, seq_len - j * bs);  // kc: real keys of this block
+    TORCH_CHECK(n >= 0 && n <= qmax, "q_num out of range");
+    const int64_t* list = qidxp + r * qmax;
+    const float* kblk = kp + r * bs * dim;
+    const float* vblk = vp + r * bs * dim;
+    bool any_key = true;
+    if (keep) {  // padded keys get P = 0: no gradient, no contribution
+      any_key = false;
+      for (int64_t t = 0; t < kc; ++t) {
+        buf.key_ok[t] = keep[batch * seq_len + j * bs + t];
+        any_key = any_key || buf.key_ok[t];
+      }
+    }
+    if (!any_key) return;
+    const int32_t* key_groups_row = groups ? groups + batch * seq_len + j * bs : nullptr;
+    int64_t listed = 0;
+    while (listed < n) {
+      int64_t nq = 0;
+      buf.segments.clear();
+      while (listed < n && nq < kChunkKeys) {
+        const int64_t i = list[listed++];
+        TORCH_CHECK(i >= 0 && i < qb, "q_idx out of range");
+        const int64_t first = i * bs, count = std::min(bs, seq_len - first), src = head_row * qb + i;
+        std::memcpy(buf.qbuf.data() + nq * dim, qp + src * bs * dim, count * dim * sizeof(float));
+        std::memcpy(buf.dobuf.data() + nq * dim, dop + src * bs * dim, count * dim * sizeof(float));
+        std::memcpy(buf.chunk_lse.data() + nq, lsep + src * bs, count * sizeof(float));
+        std::memcpy(buf.chunk_delta.data() + nq, deltap + src * bs, count * sizeof(float));
+        if (groups) std::memcpy(buf.chunk_groups.data() + nq, groups + batch * seq_len + first, count * 4);
+        buf.segments.insert(buf.segments.end(), {src, nq, count});
+        nq += count;
+      }
+      float* probs = buf.probs.data();
+      float* dscores = buf.dscores.data();
+      // probs [kc x nq] (row-major: key rows) = scale * k . q^T; dscores [kc x nq] = v . dout^T
+      gemm('T', 'N', nq, kc, dim, alpha, buf.qbuf.data(), dim, kblk, dim, 0.f, probs, nq);
+      gemm('T', 'N', nq, kc, dim, 1.f, buf.dobuf.data(), dim, vblk, dim, 0.f, dscores, nq);
+      const float* lse_row = buf.chunk_lse.data();
+      const float* delta_row = buf.chunk_delta.data();
+      for (int64_t t = 0; t < kc; ++t) {
+        float* p = probs + t * nq;
+        float* ds = dscores + t * nq;
+        if (keep && !buf.key_ok[t]) {
+          std::fill(p, p + nq, 0.f);
+          std::fill(ds, ds + nq, 0.f);
+          continue;
+        }
+        if (groups) {
+          const int32_t g = key_groups_row[t];
+          for (int64_t x = 0; x < nq; ++x) {
+            if (g > buf.chunk_groups[x]) p[x] = kUnseen;
+          }
+        }
+#pragma omp simd
+        for (int64_t x = 0; x < nq; ++x) {
+          p[x] = std::exp(p[x] - lse_row[x]);
+          ds[x] = p[x] * (ds[x] - delta_row[x]);
+        }
+      }
+      // dv [kc x D] += P^T [kc x nq] . dout [nq x D]; dk [kc x D] += scale * dS^T [kc x nq] . q [nq x D]
+      gemm('N', 'N', dim, kc, nq, 1.f, buf.dobuf.data(), dim, probs, nq, 1.f, dvp + r * bs * dim, dim);
+      gemm('N', 'N', dim, kc, nq, alpha, buf.qbuf.data(), dim, dscores, nq, 1.f, dkp + r * bs * dim, dim);
+      if (fuse_dq) {
+        for (size_t e = 0; e < buf.segments.size(); e += 3) {  // dq_i [rows x D] += scale * dS_i [rows x kc] . k
+          const int64_t src = buf.segments[e], offset = buf.segments[e + 1], count = buf.segments[e + 2];
+          gemm('N', 'T', dim, count, kc, alpha, kblk, dim, dscores + offset, nq, 1.f, dqp + src * bs * dim, dim);
+        }
+      }
+    }
+  };
+
+  if (kv_num.size(0) >= at::get_num_threads()) {
+    // Enough (batch, head) pairs for every thread: one task per head does all of it in one pass over its key
+    // blocks, S and dS computed once (5 GEMMs per block pair instead of 7); each head's sums run in a fixed order.
+    at::parallel_for(0, kv_num.size(0), 1, [&](int64_t begin, int64_t end) {
+      KeyBuffers buf(cap, bs, dim, groups != nullptr);
+      for (int64_t head_row = begin; head_row < end; ++head_row) {
+        for (int64_t j = 0; j < qb; ++j) key_block(head_row * qb + j, buf, true);
+      }
+    });
+    return;
+  }
+
   // Pass 1: dQ, one query block per task.
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer kbuf(cap * dim), vbuf(cap * dim), scores(bs * cap), dprob(bs * cap);
@@ -347,69 +443,8 @@ void block_sparse_attention_backward_cpu(const at::Tensor& q_blocks, const at::T
 
   // Pass 2: dK and dV, one key block per task, over the query blocks that keep it.
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer qbuf(cap * dim), dobuf(cap * dim), probs(bs * cap), dscores(bs * cap);
-    std::vector<float> chunk_lse(cap), chunk_delta(cap);
-    std::vector<int32_t> chunk_groups(groups ? cap : 0);
-    std::vector<uint8_t> key_ok(bs);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t head_row = r / qb, j = r % qb, batch = head_row / heads;
-      const int64_t n = qnump[r], kc = std::min(bs, seq_len - j * bs);  // kc: real keys of this block
-      TORCH_CHECK(n >= 0 && n <= qmax, "q_num out of range");
-      const int64_t* list = qidxp + r * qmax;
-      const float* kblk = kp + r * bs * dim;
-      const float* vblk = vp + r * bs * dim;
-      bool any_key = true;
-      if (keep) {  // padded keys get P = 0: no gradient, no contribution
-        any_key = false;
-        for (int64_t t = 0; t < kc; ++t) {
-          key_ok[t] = keep[batch * seq_len + j * bs + t];
-          any_key = any_key || key_ok[t];
-        }
-      }
-      if (!any_key) continue;
-      const int32_t* key_groups_row = groups ? groups + batch * seq_len + j * bs : nullptr;
-      int64_t listed = 0;
-      while (listed < n) {
-        int64_t nq = 0;
-        while (listed < n && nq < kChunkKeys) {
-          const int64_t i = list[listed++];
-          TORCH_CHECK(i >= 0 && i < qb, "q_idx out of range");
-          const int64_t first = i * bs, count = std::min(bs, seq_len - first), src = head_row * qb + i;
-          std::memcpy(qbuf.data() + nq * dim, qp + src * bs * dim, count * dim * sizeof(float));
-          std::memcpy(dobuf.data() + nq * dim, dop + src * bs * dim, count * dim * sizeof(float));
-          std::memcpy(chunk_lse.data() + nq, lsep + src * bs, count * sizeof(float));
-          std::memcpy(chunk_delta.data() + nq, deltap + src * bs, count * sizeof(float));
-          if (groups) std::memcpy(chunk_groups.data() + nq, groups + batch * seq_len + first, count * 4);
-          nq += count;
-        }
-        // probs [kc x nq] (row-major: key rows) = scale * k . q^T; dscores [kc x nq] = v . dout^T
-        gemm('T', 'N', nq, kc, dim, alpha, qbuf.data(), dim, kblk, dim, 0.f, probs.data(), nq);
-        gemm('T', 'N', nq, kc, dim, 1.f, dobuf.data(), dim, vblk, dim, 0.f, dscores.data(), nq);
-        for (int64_t t = 0; t < kc; ++t) {
-          float* p = probs.data() + t * nq;
-          float* ds = dscores.data() + t * nq;
-          if (keep && !key_ok[t]) {
-            std::fill(p, p + nq, 0.f);
-            std::fill(ds, ds + nq, 0.f);
-            continue;
-          }
-          if (groups) {
-            const int32_t g = key_groups_row[t];
-            for (int64_t x = 0; x < nq; ++x) {
-              if (g > chunk_groups[x]) p[x] = kUnseen;
-            }
-          }
-#pragma omp simd
-          for (int64_t x = 0; x < nq; ++x) {
-            p[x] = std::exp(p[x] - chunk_lse[x]);
-            ds[x] = p[x] * (ds[x] - chunk_delta[x]);
-          }
-        }
-        // dv [kc x D] += P^T [kc x nq] . dout [nq x D]; dk [kc x D] += scale * dS^T [kc x nq] . q [nq x D]
-        gemm('N', 'N', dim, kc, nq, 1.f, dobuf.data(), dim, probs.data(), nq, 1.f, dvp + r * bs * dim, dim);
-        gemm('N', 'N', dim, kc, nq, alpha, qbuf.data(), dim, dscores.data(), nq, 1.f, dkp + r * bs * dim, dim);
-      }
-    }
+    KeyBuffers buf(cap, bs, dim, groups != nullptr);
+    for (int64_t r = begin; r < end; ++r) key_block(r, buf, false);
   });
 }
 
