@@ -107,7 +107,8 @@ def peak_rss_delta_bytes(fn: Callable[[], Any], interval_s: float = 0.0005) -> i
     Measured by sampling ``psutil``'s RSS from a thread every ``interval_s`` (torch's CPU allocator keeps no peak
     statistics and ``tracemalloc`` does not see it). So that freed buffers leave the RSS instead of being reused from
     glibc's heap (which would hide them), glibc's mmap threshold is pinned to 64 KiB first (``mallopt``; large
-    tensors are then mapped and unmapped one by one). Elsewhere than glibc the number is a lower bound.
+    tensors are then mapped and unmapped one by one) and its free heap trimmed. Elsewhere than glibc the number is a
+    lower bound.
     """
     import ctypes
     import threading
@@ -115,7 +116,9 @@ def peak_rss_delta_bytes(fn: Callable[[], Any], interval_s: float = 0.0005) -> i
     import psutil
 
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, no dynamic growth
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, no dynamic growth
+        libc.malloc_trim(0)  # give back the free heap: what the call touches again shows in the RSS
     except (OSError, AttributeError):
         pass
 
