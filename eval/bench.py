@@ -15,6 +15,7 @@ Timing: a warm-up call, then the median of ``repeats`` calls; ``torch.cuda.synch
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -82,6 +83,67 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def with_backward(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """A call of ``fn(q, k, v) -> out [B, S, H, D]`` forward and backward (a fixed output gradient), for timing.
+
+    The inputs are fresh leaves that require gradients; their ``.grad`` is reset before each call, so every call
+    does the same work. Runs with gradients on even under an outer ``torch.no_grad``.
+    """
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(q)
+
+    def run() -> None:
+        for x in leaves:
+            x.grad = None
+        with torch.enable_grad():
+            fn(*leaves).backward(grad)
+
+    return run
+
+
+def peak_rss_delta_bytes(fn: Callable[[], Any], interval_s: float = 0.0005) -> int:
+    """Peak resident memory of the process during ``fn()`` above its resident memory just before, in bytes.
+
+    Measured by sampling ``psutil``'s RSS from a thread every ``interval_s`` (torch's CPU allocator keeps no peak
+    statistics and ``tracemalloc`` does not see it). So that freed buffers leave the RSS instead of being reused from
+    glibc's heap (which would hide them), glibc's mmap threshold is pinned to 64 KiB first (``mallopt``; large
+    tensors are then mapped and unmapped one by one) and its free heap trimmed. Elsewhere than glibc the number is a
+    lower bound.
+    """
+    import ctypes
+    import threading
+
+    import psutil
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, no dynamic growth
+        libc.malloc_trim(0)  # give back the free heap: what the call touches again shows in the RSS
+    except (OSError, AttributeError):
+        pass
+
+    process = psutil.Process()
+    gc.collect()
+    before = process.memory_info().rss
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak, process.memory_info().rss) - before
+
+
 def _bench_layout(
     configs: Sequence[SparseConfig],
     layout: VideoLayout,
@@ -92,11 +154,13 @@ def _bench_layout(
     device: torch.device,
     backend: str,
     progress: Callable[[str], None] | None,
+    backward: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`bench_attention` for one geometry (inputs already built)."""
     backend_name = resolve_backend(backend, device, q.dtype)
     rows = []
-    dense_sdpa(q, k, v)  # warm-up
+    dense = with_backward(dense_sdpa, q, k, v) if backward else lambda: dense_sdpa(q, k, v)
+    dense()  # warm-up
     for config in configs:
         ctx = PlanContext(layer=0, step=0)
         start = time.perf_counter()
@@ -107,17 +171,19 @@ def _bench_layout(
         block_sparse_attention(q, k, v, plan, backend=backend)  # compiles a new shape
         synchronize(device)
         compile_s = time.perf_counter() - start
-        if get_method(config.method).static:
-            attend = lambda p=plan: block_sparse_attention(q, k, v, p, backend=backend)  # noqa: E731
-        else:
+        static = get_method(config.method).static
+
+        def sparse(q, k, v, p=plan, static=static):
             # A dynamic method makes a new plan every call: time the executor on a fresh copy each time, so work it
-            # caches per plan object (the gather executor's schedule) is charged, as in a real run.
-            attend = lambda p=plan: block_sparse_attention(q, k, v, fresh_copy(p), backend=backend)  # noqa: E731
+            # caches per plan object (the gather schedule, cpp's transposed index) is charged, as in a real run.
+            return block_sparse_attention(q, k, v, p if static else fresh_copy(p), backend=backend)
+
+        attend = with_backward(sparse, q, k, v) if backward else lambda: sparse(q, k, v)
         attend()  # warm-up of the timed path
         # Dense, planning and sparse attention timed in interleaved rounds, so load drift hits all three alike.
         rounds = time_rounds(
             {
-                "dense": lambda: dense_sdpa(q, k, v),
+                "dense": dense,
                 "plan": lambda cfg=config, c=ctx: build_plan(cfg, q, k, layout, c),
                 "attn": attend,
             },
@@ -127,9 +193,17 @@ def _bench_layout(
         dense_ms, plan_ms, attn_ms = (statistics.median(rounds[name]) for name in ("dense", "plan", "attn"))
         density = plan.density()
         speedup = dense_ms / (plan_ms + attn_ms)
+        memory = {}
+        if backward and device.type == "cpu":
+            memory = {
+                "dense_peak_rss_bytes": peak_rss_delta_bytes(dense),
+                "attn_peak_rss_bytes": peak_rss_delta_bytes(attend),
+            }
         rows.append(
             {
                 "method": config.method,
+                "backward": backward,
+                **memory,
                 "spec": canonical_spec(config),
                 "config": config.to_dict(),
                 "backend": backend_name,
@@ -190,6 +264,7 @@ def bench_attention(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     progress: Callable[[str], None] | None = print,
+    backward: bool = False,
 ) -> dict[str, Any]:
     """Time dense SDPA vs planning + sparse attention for every config at every geometry.
 
@@ -202,6 +277,9 @@ def bench_attention(
         device, dtype: Where and in what precision to run.
         backend: Executor for the sparse calls.
         progress: Called with one line per result (None: silent).
+        backward: Time forward + backward (a fixed output gradient) of dense SDPA and of the sparse executor
+            instead of the forward; planning stays a forward (plans are built without gradients). Rows then also
+            hold ``dense_peak_rss_bytes`` / ``attn_peak_rss_bytes`` on the CPU (:func:`peak_rss_delta_bytes`).
 
     Returns:
         ``{"device", "torch", ..., "results": [{"method", "config", "density", "tokens", "dense_ms", "plan_ms",
@@ -215,7 +293,7 @@ def bench_attention(
         layout = VideoLayout(*grid)
         q, k, v = (x.to(device=device, dtype=dtype) for x in synthetic_qkv(layout, heads=heads, head_dim=head_dim))
         with torch.no_grad():
-            results.extend(_bench_layout(configs, layout, q, k, v, repeats, device, backend, progress))
+            results.extend(_bench_layout(configs, layout, q, k, v, repeats, device, backend, progress, backward))
     return {**environment(device), "dtype": str(dtype).replace("torch.", ""), "results": results}
 
 

@@ -38,11 +38,13 @@ from types import ModuleType
 
 import torch
 
-from vidsparse.plan import BlockPlan
+from vidsparse.plan import BlockPlan, block_mask_to_indices
 
 from .gather import _blocked
 from .registry import Executor
 
+#: The executor has a backward (gradients for q, k, v): see :func:`cpp_block_sparse_attention`.
+HAS_BACKWARD = True
 #: The kernel's source, compiled on first use.
 SOURCE = Path(__file__).with_name("csrc") / "block_sparse_cpu.cpp"
 #: ``-ffast-math`` lets the compiler vectorise ``exp`` with glibc's vector math (2x the kernel's speed here; without
@@ -140,6 +142,137 @@ def cpp_kernel_for(device: torch.device) -> ModuleType | None:
     return load_cpp_kernel() if device.type == "cpu" and cpp_kernel_available() else None
 
 
+#: The LSE the backward reads for a query that saw no key (the forward's ``-inf``): the kernel is compiled with
+#: ``-ffast-math`` and keeps no infinities, and ``exp(score - 1e30)`` is exactly 0, so such a row gets no gradient.
+NO_KEY_LSE = 1e30
+
+
+def _key_to_query_index(plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan transposed: ``(q_num int32 [B, H, Kb], q_idx int32 [B, H, Kb, Kb])`` (plan's own B, H).
+
+    ``q_idx[b, h, j, :q_num[b, h, j]]`` lists, ascending, the query blocks that keep key block ``j``: the loop of the
+    backward's dK/dV pass. Computed once per plan and cached on it (outside ``torch.compile``, which traces the
+    computation instead: a few small tensor ops per call).
+    """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and "_cpp_key_to_query" in plan.__dict__:
+        return plan.__dict__["_cpp_key_to_query"]
+    q_num, q_idx = block_mask_to_indices(plan.block_mask().transpose(-1, -2))
+    if not compiling:
+        q_idx = q_idx[..., : max(int(q_num.max()), 1)].contiguous()  # the lists' width, not Kb
+        plan.__dict__["_cpp_key_to_query"] = (q_num, q_idx)
+    return q_num, q_idx
+
+
+def _rows(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """A plan index ``[B or 1, H or 1, Qb, ...]`` as contiguous int64 ``[b * h, Qb, ...]`` (the kernel's rows)."""
+    return x.expand(b, h, *x.shape[2:]).reshape(b * h, *x.shape[2:]).long().contiguous()
+
+
+@torch.library.custom_op("vidsparse::cpp_block_sparse_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    q_num: torch.Tensor,
+    q_idx: torch.Tensor,
+    key_keep: torch.Tensor | None,
+    key_groups: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward as a custom op: ``(out [B, H, S, D], lse float32 [B, H, S])``.
+
+    The arguments are :func:`cpp_block_sparse_attention`'s, the plan's indices as kernel rows; ``q_num``/``q_idx``
+    (the transposed plan) are only saved for the backward.
+    """
+    b, h, s, d = q.shape
+    qb = kv_num.shape[1]
+    q_blocks, k_blocks, v_blocks = (_blocked(x, qb, block_size).contiguous() for x in (q, k, v))
+    # Zeros and LSE -inf: what a query that sees no key gets (the kernel writes the others).
+    out = torch.zeros_like(q_blocks)
+    lse = torch.full(q_blocks.shape[:2], -math.inf, dtype=torch.float32)
+    load_cpp_kernel().block_sparse_attention_cpu(
+        q_blocks, k_blocks, v_blocks, kv_num, kv_idx, s, h, scale, key_keep, key_groups, out, lse
+    )
+    return out.view(b, h, qb * block_size, d)[:, :, :s].contiguous(), lse.view(b, h, -1)[:, :, :s].contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, kv_num, kv_idx, q_num, q_idx, key_keep, key_groups, block_size, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vidsparse::cpp_block_sparse_attention_backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor,
+    dlse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    q_num: torch.Tensor,
+    q_idx: torch.Tensor,
+    key_keep: torch.Tensor | None,
+    key_groups: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, each ``[B, H, S, D]`` float32, from the output's and the LSE's gradients."""
+    b, h, s, d = q.shape
+    qb = kv_num.shape[1]
+    # delta = rowsum(dO * O) - dLSE: the LSE's gradient enters dS = P * (dP - delta) like a shift of delta.
+    delta = (dout * out).sum(-1) - dlse
+    lse = torch.where(torch.isneginf(lse), NO_KEY_LSE, lse)
+    blocks = [_blocked(x, qb, block_size).contiguous() for x in (q, k, v, dout, lse, delta)]
+    grads = [torch.zeros_like(blocks[0]) for _ in range(3)]
+    load_cpp_kernel().block_sparse_attention_backward_cpu(
+        *blocks, kv_num, kv_idx, q_num, q_idx, s, h, scale, key_keep, key_groups, *grads
+    )
+    return tuple(g.view(b, h, qb * block_size, d)[:, :, :s].contiguous() for g in grads)
+
+
+@_backward_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, key_keep, key_groups, block_size, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kv_num, kv_idx, q_num, q_idx, key_keep, key_groups, block_size, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_num, kv_idx, q_num, q_idx, key_keep, key_groups)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor):
+    q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, key_keep, key_groups = ctx.saved_tensors
+    dq, dk, dv = _backward_op(
+        dout.float(),
+        dlse.float(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_num,
+        kv_idx,
+        q_num,
+        q_idx,
+        key_keep,
+        key_groups,
+        ctx.block_size,
+        ctx.scale,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def cpp_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -151,7 +284,11 @@ def cpp_block_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``cpp`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`): float32 on the CPU.
+    """The ``cpp`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`): float32 on the CPU, differentiable.
+
+    It runs as the custom op ``vidsparse::cpp_block_sparse_attention`` (with ``register_autograd``), so
+    ``loss.backward()`` and ``torch.compile`` go through it; a query that sees no key gets zeros (LSE ``-inf``) and
+    passes no gradient.
 
     Raises:
         ValueError: ``q`` is not float32 or not on the CPU.
@@ -162,22 +299,27 @@ def cpp_block_sparse_attention(
             f"backend='cpp' runs float32 on the CPU; got dtype={q.dtype}, device={q.device}. "
             "Use backend='gather' (any dtype) or 'auto'."
         )
-    kernel = load_cpp_kernel()
+    if not torch.compiler.is_compiling():
+        load_cpp_kernel()  # the build error here, before any work (compiled graphs load it inside the op)
     b, h, s, d = q.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qb, bs = plan.num_q_blocks, plan.block_size
-    kmax = plan.kv_idx.shape[-1]
-    q_blocks, k_blocks, v_blocks = (_blocked(x, qb, bs).contiguous() for x in (q, k, v))
-    kv_num = plan.kv_num.expand(b, h, qb).reshape(b * h, qb).long().contiguous()
-    kv_idx = plan.kv_idx.expand(b, h, qb, kmax).reshape(b * h, qb, kmax).long().contiguous()
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    q_num, q_idx = _key_to_query_index(plan)
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
     groups = None if causal_groups is None else causal_groups.expand(b, s).to(torch.int32).contiguous()
-    # Zeros and LSE -inf: what a query that sees no key gets (the kernel writes the others).
-    out = torch.zeros_like(q_blocks)
-    lse = torch.full(q_blocks.shape[:2], -math.inf, dtype=torch.float32)
-    kernel.block_sparse_attention_cpu(q_blocks, k_blocks, v_blocks, kv_num, kv_idx, s, h, scale, keep, groups, out, lse)
-    out = out.view(b, h, qb * bs, d)[:, :, :s]
-    return out, (lse.view(b, h, qb * bs)[:, :, :s] if return_lse else None)
+    out, lse = _attention_op(
+        q,
+        k,
+        v,
+        _rows(plan.kv_num, b, h),
+        _rows(plan.kv_idx, b, h),
+        _rows(q_num, b, h),
+        _rows(q_idx, b, h),
+        keep,
+        groups,
+        plan.block_size,
+        scale,
+    )
+    return out, (lse if return_lse else None)
 
 
 EXECUTOR = Executor(
@@ -186,7 +328,7 @@ EXECUTOR = Executor(
     summary="block-sparse flash-attention kernel in C++: the fast path on the CPU, float32",
     devices=("cpu",),
     dtypes=(torch.float32,),
-    has_backward=False,
+    has_backward=HAS_BACKWARD,
     available=lambda: cpp_kernel_available(),  # looked up per call, so a test can stand in for a failed build
     unavailable="the cpp CPU kernel could not be built here (see vidsparse.kernels.cpp.load_cpp_kernel())",
 )

@@ -51,10 +51,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "finetune_config.json"
 LOG_NAME = "train_log.jsonl"
 #: Executor of the sparse attention in training when none is chosen, per device type. Only executors with autograd
-#: qualify: ``reference`` (masked dense SDPA: exact, as slow as dense) on the CPU, where ``cpp`` has no backward yet
-#: and ``gather`` writes into preallocated buffers (``out=``, no autograd); FlexAttention on CUDA. Switch the CPU
-#: entry to ``"auto"`` once ``backend="auto"`` picks a backward-capable executor.
-DEFAULT_TRAIN_BACKEND: dict[str, str] = {"cpu": "reference", "cuda": "flex"}
+#: qualify: ``cpp`` on the CPU (its C++ backward, float32; ``gather`` writes into preallocated buffers, ``out=``, no
+#: autograd, and ``auto`` may pick it for other dtypes or where the kernel cannot be built); FlexAttention on CUDA.
+DEFAULT_TRAIN_BACKEND: dict[str, str] = {"cpu": "cpp", "cuda": "flex"}
 #: Clip files a data folder may hold (each with a same-stem ``.txt`` caption).
 CLIP_SUFFIXES: tuple[str, ...] = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".npy")
 #: Config fields a resumed run may change: the step count (the learning-rate schedule does not depend on it) and

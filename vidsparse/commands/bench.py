@@ -74,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
     a.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (medians; default: 3)")
     add_backend_arg(a, default="auto")
+    a.add_argument(
+        "--backward",
+        action="store_true",
+        help="time forward + backward (training) of dense SDPA and the sparse executor, and their peak memory",
+    )
     a.set_defaults(func=run_attention)
 
     e = inner.add_parser("e2e", help="a few denoising steps of WanTransformer3DModel, dense vs each method")
@@ -245,6 +250,7 @@ def run_attention(args: argparse.Namespace) -> int:
         dtype=dtype,
         backend=args.backend,
         progress=_progress(args),
+        backward=args.backward,
     )
     return _finish(args, report, runs, attention_table(report))
 
@@ -398,14 +404,16 @@ def scaling_table(report: dict[str, Any]) -> str:
 
 
 def attention_table(report: dict[str, Any]) -> str:
-    """Markdown table of a :func:`~vidsparse.eval.bench.bench_attention` report."""
+    """Markdown table of a :func:`~vidsparse.eval.bench.bench_attention` report (with ``--backward``: fwd + bwd)."""
+    memory = any("attn_peak_rss_bytes" in r for r in report["results"])
+    timed = "forward + backward" if any(r.get("backward") for r in report["results"]) else "forward"
     lines = [
         f"device: {report['device']}, torch {report['torch']}, {report['cpu_threads']} threads, "
-        f"load average {_load(report)}",
+        f"load average {_load(report)}; timed: {timed}",
         "",
         "| method | tokens | density | dense ms | plan ms | sparse ms | speed-up | ideal | efficiency | rounds |"
-        " first call s |",
-        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " first call s |" + (" dense peak MiB | sparse peak MiB |" if memory else ""),
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if memory else ""),
     ]
     for r in report["results"]:
         per_round = r.get("efficiency_rounds") or [r["efficiency"]]  # reports before the field: the median only
@@ -413,6 +421,11 @@ def attention_table(report: dict[str, Any]) -> str:
             f"| {r['spec']} | {r['tokens']} | {r['density']:.3f} | {r['dense_ms']:.1f} | {r['plan_ms']:.2f} | "
             f"{r['attn_ms']:.1f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['efficiency']:.2f} | "
             f"{min(per_round):.2f}-{max(per_round):.2f} | {r['compile_s']:.2f} |"
+            + (
+                f" {r['dense_peak_rss_bytes'] / 2**20:.0f} | {r['attn_peak_rss_bytes'] / 2**20:.0f} |"
+                if "attn_peak_rss_bytes" in r
+                else ""
+            )
         )
     return "\n".join(lines)
 
