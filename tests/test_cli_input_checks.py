@@ -112,3 +112,77 @@ def test_render_makes_a_missing_out_folder_before_loading(tmp_path, capsys, monk
     assert code == 2 and "load reached" in err  # every check passed, then the load was next
     assert out.parent.is_dir() and (tmp_path / "g").is_dir()
     assert list(out.parent.iterdir()) == []  # the writability probe leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--density", "0.3", "--opt", "density=0.5"],
+            "option 'density' is given twice: --density 0.3 and --opt density=0.5",
+        ),
+        (
+            ["--method", "radial:density=0.5", "--density", "0.3"],
+            "option 'density' is given twice: 'density=0.5' in --method 'radial:density=0.5' and --density 0.3",
+        ),
+        (
+            ["--method", "radial:dense_steps=1", "--dense-steps", "2"],
+            "'dense_steps=1' in --method 'radial:dense_steps=1' and --dense-steps 2",
+        ),
+        (
+            ["--method", "radial:density=0.3,density=0.5"],
+            "option 'density' is given twice: 'density=0.3' in --method",
+        ),
+        (["--method", "window", "--density", "0.3"], "--density 0.3: method 'window' has no density target"),
+        (["--method", "dense:density=0.5"], "'density=0.5' in --method 'dense:density=0.5': method 'dense' has no"),
+        (["--method", "radial:"], "--method 'radial:': nothing follows ':'"),
+        (["--method", "radial:a=1,,b=2"], "--method 'radial:a=1,,b=2' has an empty option"),
+        (["--method", "radial:density=0.3,"], "has an empty option"),
+        (["--method", "radial:density="], "'density=' in --method 'radial:density=' has no value"),
+        (["--opt", "=3"], "--opt '=3' is invalid: expected key=value"),
+    ],
+)
+def test_conflicting_or_empty_method_options_name_their_sources(argv, message, tmp_path, capsys, no_model_load):
+    code, err = _exit_code_and_err(["render", "--out", str(tmp_path / "c.mp4"), *argv], capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "methods, message",
+    [
+        (["window:density=0.3"], "'density=0.3' in method spec 'window:density=0.3': method 'window' has no"),
+        (["radial:"], "method spec 'radial:': nothing follows ':'"),
+        (["radial:density=0.2,,dense_steps=1"], "has an empty option"),
+        (["radial:density=0.2,density=0.3"], "option 'density' is given twice"),
+    ],
+)
+@pytest.mark.parametrize("densities", [[], ["--densities", "0.3"]])
+def test_eval_method_specs_are_checked_the_same_way(methods, message, densities, tmp_path, capsys, no_model_load):
+    out = tmp_path / "e"
+    code, err = _exit_code_and_err(["eval", "--out", str(out), "--methods", *methods, *densities], capsys)
+    assert code == 2 and message in err
+    assert not out.exists()
+
+
+def test_valid_options_from_every_source_still_combine():
+    from vidsparse.cli import build_parser
+    from vidsparse.commands.common import method_config
+
+    args = build_parser().parse_args(
+        [
+            "render",
+            "--method",
+            "radial:dense_steps=1",
+            "--density",
+            "0.3",
+            "--block-size",
+            "128",
+            "--opt",
+            "sink=false",
+        ]
+    )
+    config = method_config(args)
+    assert (config.method, config.density, config.dense_steps, config.block_size) == ("radial", 0.3, 1, 128)
+    assert config.sink is False

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.methods import method_names, parse_method_spec
+from vidsparse.methods import config_from_options, method_names, parse_option_value, split_method_spec
 from vidsparse.pipelines.loading import DTYPES
 
 #: Method used when none is given on the command line.
@@ -126,19 +126,24 @@ def add_method_args(parser: argparse.ArgumentParser, *, default: str | None = DE
 
 
 def method_config(args: argparse.Namespace) -> SparseConfig | None:
-    """The config chosen by the method arguments (``None`` for ``--method none``)."""
+    """The config chosen by the method arguments (``None`` for ``--method none``).
+
+    Options come from three places: the ``--method name:key=value`` spec, the shared flags (``--density`` ...) and
+    ``--opt key=value``. One given in two places is refused with both named (no silent winner).
+    """
     if args.method == STOCK:
         return None
-    spec = args.method
-    extras = []
+    name, options = split_method_spec(args.method, where=f"--method {args.method!r}")
     for flag in ("density", "block_size", "dense_steps", "dense_last_steps", "dense_layers", "backend"):
         value = getattr(args, flag)
         if value is not None:
-            extras.append(f"{flag}={value}")
-    extras.extend(args.opt)
-    if extras:
-        spec += ("," if ":" in spec else ":") + ",".join(extras)
-    return parse_method_spec(spec)
+            options.append((flag, value, f"--{flag.replace('_', '-')} {value}"))
+    for item in args.opt:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ValueError(f"--opt {item!r} is invalid: expected key=value.")
+        options.append((key.strip().replace("-", "_"), parse_option_value(value.strip()), f"--opt {item}"))
+    return config_from_options(name, options)
 
 
 def resolve_device(name: str | None) -> torch.device:
