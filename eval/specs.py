@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vidsparse.config import SparseConfig
-from vidsparse.methods import get_method, make_config, method_names, parse_method_spec
+from vidsparse.methods import get_method, make_config, method_names, parse_method_spec, split_method_spec
 
 #: Methods a sweep runs when ``--methods`` is not given: the first two of these that are registered.
 DEFAULT_METHOD_PREFERENCE: tuple[str, ...] = ("radial", "draft", "moba", "cached", "window", "dense")
@@ -110,6 +110,7 @@ def expand_methods(specs: Sequence[str], densities: Sequence[float] | None = Non
     _check_densities(densities)
     runs: list[MethodRun] = []
     for text in specs:
+        split_method_spec(text)  # empty items and the like, reported on the spec as written (before a density)
         explicit = "density" in _option_names(text)
         if not densities or explicit:
             base = parse_method_spec(text)

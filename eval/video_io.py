@@ -32,6 +32,67 @@ def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+#: Suffixes :func:`write_video` writes.
+WRITABLE_SUFFIXES = VIDEO_SUFFIXES + GIF_SUFFIXES + (".npy",)
+
+
+def check_writable_folder(
+    folder: str | os.PathLike, flag: str, *, create: bool, value: str | os.PathLike | None = None
+) -> Path:
+    """Refuse a folder that cannot be written, with one ``ValueError`` naming ``flag``; returns it as a Path.
+
+    ``create=True`` makes a missing folder (and its parents); ``create=False`` checks the nearest existing ancestor
+    instead, so nothing is created before the caller's own checks. Writability is tried (a file created and
+    removed): permission bits alone do not tell (root, read-only mounts, ACLs). ``value``: what the user gave for
+    ``flag`` when that is not the folder itself (a file in it).
+    """
+    folder = Path(folder)
+    given = f"{flag} {str(value if value is not None else folder)!r}"
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{given}: {str(existing)!r} is a file, not a folder.")
+    if existing != folder.absolute() and create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{given}: cannot create the folder {str(folder)!r} ({err.strerror}).") from None
+        existing = folder
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-write-check-")
+    except OSError as err:
+        raise ValueError(f"{given}: the folder {str(existing)!r} is not writable ({err.strerror}).") from None
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
+def check_video_path(
+    path: str | os.PathLike, flag: str = "--out", *, height: int | None = None, width: int | None = None
+) -> Path:
+    """Check an output path of :func:`write_video` before any work: suffix, folder (made if missing), writable.
+
+    ``height`` / ``width`` (when known) are checked even for video suffixes, which H.264/VP9 require. Raises one
+    ``ValueError`` naming ``flag``; returns the path.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file name, e.g. {str(path / 'clip.mp4')!r}.")
+    if suffix not in WRITABLE_SUFFIXES:
+        raise ValueError(
+            f"{flag} {str(path)!r}: unknown video suffix {suffix!r}; expected one of {', '.join(WRITABLE_SUFFIXES)}."
+        )
+    if suffix in VIDEO_SUFFIXES:
+        for name, size in (("height", height), ("width", width)):
+            if size is not None and size % 2:
+                raise ValueError(
+                    f"--{name} {size}: {suffix} files need an even frame size; use {size - 1} or {size + 1}, or "
+                    f"write a .gif or .npy."
+                )
+    check_writable_folder(path.parent, flag, create=True, value=path)
+    return path
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
     """Write ``frames`` (uint8 or float [0, 1], ``[T, H, W, 3]``) to ``path``, atomically.
 
@@ -60,7 +121,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Pa
             # macro_block_size=1: keep the exact size (imageio would otherwise resize to multiples of 16).
             iio.imwrite(tmp, frames, extension=suffix, fps=fps, macro_block_size=1, plugin="FFMPEG")
         else:
-            allowed = ", ".join(VIDEO_SUFFIXES + GIF_SUFFIXES + (".npy",))
+            allowed = ", ".join(WRITABLE_SUFFIXES)
             raise ValueError(f"out={str(path)!r}: unknown video suffix {suffix!r}; expected one of {allowed}.")
         os.replace(tmp, path)
     finally:

@@ -398,3 +398,54 @@ def test_calibrate_command_writes_refuses_and_loads(pipe, tmp_path, capsys):
     for r in sparse:
         mask = patterns.video_mask(0, r["layer"], VideoLayout(5, 8, 12))[0] | torch.eye(8, dtype=torch.bool)
         assert r["density"] == pytest.approx(float(mask.float().mean()))
+
+
+def _save_raw(patterns, path, **replace):
+    """Write ``patterns`` with some tensors replaced as they are (no PatternFile checks on the way out)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "pattern_ids": patterns.kinds,
+        "pattern_params": patterns.params,
+        "stripe_columns": patterns.columns.to(torch.uint8),
+        "recall": patterns.recall,
+        "density": patterns.density,
+        **replace,
+    }
+    save_file(tensors, str(path), metadata=patterns.metadata())
+    return path
+
+
+def _nothing_installed(pipe):
+    return not isinstance(pipe.transformer.blocks[0].attn1.processor, WanSparseAttnProcessor) and not hasattr(
+        pipe.transformer, "_vidsparse_handle"
+    )
+
+
+def test_block_size_and_layer_count_are_checked_at_apply_not_at_the_first_sparse_step(pipe, tmp_path):
+    # Issue 23 item 6: with dense warm-up steps the first sparse step (where check_call runs) comes late.
+    path = _file_for(pipe.transformer, torch.zeros(2, 2), torch.zeros(2, 2, 2)).save(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="block_size=64; the config has block_size=128: pass block_size=64"):
+        vidsparse.apply(pipe, "cached", patterns=str(path), block_size=128, dense_steps=2)
+    assert _nothing_installed(pipe)
+    one_layer = _file_for(pipe.transformer, torch.zeros(1, 2), torch.zeros(1, 2, 2))  # same fingerprint, 1 layer
+    path = one_layer.save(tmp_path / "one_layer.safetensors")
+    with pytest.raises(ValueError, match="covers 1 layers per model; model 0 .* has 2 attention layers"):
+        vidsparse.apply(pipe, "cached", patterns=str(path), dense_steps=2)
+    assert _nothing_installed(pipe)
+
+
+@pytest.mark.parametrize(("name", "value"), [("density", float("nan")), ("density", float("inf")), ("recall", -0.5)])
+def test_non_finite_or_out_of_range_density_is_refused(pipe, tmp_path, name, value):
+    patterns = _file_for(pipe.transformer, torch.zeros(2, 2), torch.zeros(2, 2, 2))
+    broken = getattr(patterns, name).clone()
+    broken[0, 1, 0] = value
+    path = _save_raw(patterns, tmp_path / "bad.safetensors", **{name: broken})
+    message = (
+        rf"{name} must be finite numbers in \[0, 1\]; 1 entries are not \(first at \[model, layer, head\] \[0, 1, 0\]"
+    )
+    with pytest.raises(ValueError, match=message):
+        PatternFile.load(path)
+    with pytest.raises(ValueError, match=message):
+        vidsparse.apply(pipe, "cached", patterns=str(path))
+    assert _nothing_installed(pipe)

@@ -210,3 +210,66 @@ def test_bad_input_errors(pipe):
         with pytest.raises(RuntimeError, match="already applied"):
             vidsparse.apply(pipe, "dense")
     assert not hasattr(pipe.transformer, "_vidsparse_handle")
+
+
+class _Interrupt(Exception):
+    """Raised from a step callback to interrupt a generation."""
+
+
+def _raise_at_step(stop: int):
+    def callback(pipe, i, t, kwargs):
+        if i == stop:
+            raise _Interrupt(f"interrupted after step {i}")
+        return kwargs
+
+    return callback
+
+
+def test_failed_generation_does_not_carry_state_into_the_next_call():
+    # Issue 23 item 2: an exception mid-generation skips diffusers' end-of-call reset (maybe_free_model_hooks).
+    # The runtime must see the next call as a new generation by itself: same seed -> bit-identical output to a
+    # clean run on a fresh pipeline (with the counter carried over, the dense warm-up would be skipped).
+    options = dict(density=0.3, dense_steps=2)
+    clean_pipe = tiny.build("wan")
+    clean_pipe.set_progress_bar_config(disable=True)
+    with vidsparse.apply(clean_pipe, "radial", **options):
+        clean = run(clean_pipe, steps=4)
+    pipe = tiny.build("wan")
+    pipe.set_progress_bar_config(disable=True)
+    with vidsparse.apply(pipe, "radial", **options) as handle:
+        with pytest.raises(_Interrupt):
+            run(pipe, steps=4, callback_on_step_end=_raise_at_step(2))
+        handle.clear_stats()
+        again = run(pipe, steps=4)
+        assert _steps(handle.stats(), "cond") == [0, 1, 2, 3]
+        assert _steps(handle.stats(), "uncond") == [0, 1, 2, 3]
+    assert torch.equal(again, clean)
+
+
+def test_interrupted_direct_call_does_not_leave_its_context_behind(pipe):
+    # An exception inside the transformer's forward skips the root hook's post_forward: the "default" context it set
+    # must not stay set (it would swallow the next calls' own context handling).
+    t = pipe.transformer
+    with vidsparse.apply(pipe, "dense") as handle:
+        block = t.blocks[0]
+        original = block.forward
+
+        def fail(*args, **kwargs):
+            raise _Interrupt("boom")
+
+        block.forward = fail
+        try:
+            with torch.no_grad(), pytest.raises(_Interrupt):
+                t(**_direct_inputs(pipe, 1))
+        finally:
+            block.forward = original
+        assert handle.runtime.state_manager._context is not None  # the failed call's context is still set
+        handle.clear_stats()
+        with torch.no_grad():
+            t(**_direct_inputs(pipe, 1))
+        assert handle.runtime.state_manager._context is None
+        assert _steps(handle.stats(), "default") == [1]  # the failed call was step 0 (no reset was asked for)
+        with torch.no_grad(), t.cache_context("cond"):  # a pipeline's context is not taken for a stale one
+            t(**_direct_inputs(pipe, 1))
+        assert handle.runtime.state_manager._context is None
+        assert _steps(handle.stats(), "cond") == [0]

@@ -11,6 +11,11 @@ stateful :class:`~diffusers.hooks.ModelHook` on each transformer (the *root hook
 - the latent grid comes from the forward's ``hidden_states`` and the model's patch size (family adapter);
 - at the end of a generation the pipeline calls ``reset_state`` (``maybe_free_model_hooks``): counters restart and
   per-layer method state (cached patterns) is dropped;
+- a generation that raised (a step callback, Ctrl-C, out of memory) never reaches that reset, so the runtime also
+  detects a new generation by itself, at its first call, and starts afresh (see :meth:`SparseRuntime.begin_call`):
+  the pipeline's context says ``step_index=0`` while the context already counted steps (Wan, SkyReels), or the
+  pipeline's scheduler holds a new ``timesteps`` tensor (``set_timesteps`` runs at the start of every pipeline
+  call), or, for a transformer applied without a pipeline, the timestep went up again;
 - a *training call* (the transformer in train mode with gradients enabled; pipelines run under ``torch.no_grad()``,
   so a generation never is one) is not a denoising step: it advances no counter, the step rules (``dense_steps``,
   ``dense_last_steps``) do not apply, the timestep rule (``dense_above_timestep``, on the largest timestep of the
@@ -23,6 +28,7 @@ step count continues when the pipeline switches experts.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,10 +53,12 @@ class StepState(BaseState):
 
     def __init__(self) -> None:
         self.step = -1
+        self.timestep: float | None = None  # of the last call, to see a new generation start (timestep goes up)
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
         """Back to "no step yet"."""
         self.step = -1
+        self.timestep = None
 
 
 @dataclass
@@ -104,12 +112,23 @@ class SparseRuntime:
         config: The method config (None for :func:`vidsparse.attach`, where processors carry their own).
         num_steps_fn: Returns the run's number of steps when the hook context does not say (e.g. from the
             pipeline's scheduler); may return None.
+        generation_fn: Returns an object that changes with every generation (the pipeline scheduler's
+            ``timesteps`` tensor, replaced by ``set_timesteps`` at the start of each pipeline call), or None when
+            there is none; a new one at a call means a new generation began.
     """
 
-    def __init__(self, config: SparseConfig | None, num_steps_fn: Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        config: SparseConfig | None,
+        num_steps_fn: Callable[[], int | None] | None = None,
+        generation_fn: Callable[[], Any] | None = None,
+    ) -> None:
         self.config = config
         self.state_manager = StateManager(StepState)
         self.num_steps_fn = num_steps_fn
+        self.generation_fn = generation_fn
+        self._generation: weakref.ref | None = None  # the last generation object seen (weak: it may be freed)
+        self._own_ctx: CacheContext | None = None  # the default context set by begin_call, until end_call
         self.num_steps_override: int | None = None
         self.current: CallInfo | None = None
         self.records: list[CallRecord] = []
@@ -145,22 +164,48 @@ class SparseRuntime:
         if training:
             self.current = self.training_call_info(model_index, grid, timestep, parallel_config)
             return False
-        own_context = self.state_manager._context is None
-        if own_context:
-            self.state_manager.set_context(CacheContext(DEFAULT_CONTEXT))
         ctx = self.state_manager._context
-        state = self.state_manager.get_state()
-        state.step += 1
-        num_steps = self.num_steps_override or ctx.num_inference_steps
-        if num_steps is None and self.num_steps_fn is not None:
-            num_steps = self.num_steps_fn()
+        # Our own default context still set means the call that set it raised before end_call: it is stale, and
+        # this call (no transformer call nests in another) takes it over.
+        own_context = ctx is None or ctx is self._own_ctx
+        if ctx is None:
+            ctx = self._own_ctx = CacheContext(DEFAULT_CONTEXT)
+            self.state_manager.set_context(ctx)
         ts = None
         if isinstance(timestep, torch.Tensor) and timestep.numel():
             ts = float(timestep.reshape(-1)[0])
         elif isinstance(timestep, int | float):
             ts = float(timestep)
+        state = self.state_manager.get_state()
+        if self._new_generation(ctx, state, ts):
+            self.reset()
+            self.state_manager.set_context(ctx)  # reset() cleared it; this call still runs in it
+            state = self.state_manager.get_state()
+        state.step += 1
+        state.timestep = ts
+        num_steps = self.num_steps_override or ctx.num_inference_steps
+        if num_steps is None and self.num_steps_fn is not None:
+            num_steps = self.num_steps_fn()
         self.current = CallInfo(model_index, ctx.name, state.step, num_steps, ts, grid, parallel_config)
         return own_context
+
+    def _new_generation(self, ctx: CacheContext, state: StepState, timestep: float | None) -> bool:
+        """Whether this call starts a new generation while state of an earlier one is still held.
+
+        diffusers resets the hooks only at the end of a pipeline call that returns; one that raised leaves its
+        counters behind. Signals, most specific first: the pipeline's own step index (0 while this context already
+        counted steps), the scheduler's ``timesteps`` object (new per pipeline call), and without either, a
+        timestep above the previous call's in this context (denoising only ever lowers it).
+        """
+        new = ctx.step_index == 0 and state.step >= 0
+        generation = self.generation_fn() if self.generation_fn is not None else None
+        if generation is not None:
+            seen = self._generation() if self._generation is not None else None
+            new = new or seen is not generation
+            self._generation = weakref.ref(generation)
+        elif ctx.step_index is None and timestep is not None and state.timestep is not None:
+            new = new or timestep > state.timestep
+        return new
 
     @staticmethod
     def training_call_info(
@@ -181,8 +226,10 @@ class SparseRuntime:
 
     def end_call(self, own_context: bool) -> None:
         """Undo a default context set by :meth:`begin_call` (the step counter itself persists)."""
-        if own_context:
+        if own_context and self.state_manager._context is self._own_ctx:
             self.state_manager.set_context(None)
+        if own_context:
+            self._own_ctx = None
 
     # ------------------------------------------------------------------------------------------ decisions
     def call_info(self, attn: torch.nn.Module) -> CallInfo:
@@ -343,7 +390,7 @@ class VidSparseRootHook(ModelHook):
         self.state_manager = runtime.state_manager
         self.adapter = adapter
         self.model_index = model_index
-        self._own_context: list[bool] = []
+        self._own_context = False  # pre_forward set the context itself (transformer calls never nest)
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
@@ -356,13 +403,14 @@ class VidSparseRootHook(ModelHook):
         timestep = kwargs.get("timestep", None)
         parallel_config = getattr(module, "_parallel_config", None)
         training = module.training and torch.is_grad_enabled()  # pipelines run under no_grad: never training
-        self._own_context.append(self.runtime.begin_call(self.model_index, grid, timestep, parallel_config, training))
+        self._own_context = self.runtime.begin_call(self.model_index, grid, timestep, parallel_config, training)
         return args, kwargs
 
     @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         """Clear a default context set in :meth:`pre_forward`."""
-        self.runtime.end_call(self._own_context.pop() if self._own_context else False)
+        self.runtime.end_call(self._own_context)
+        self._own_context = False
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -73,6 +73,23 @@ def _num_steps_from(pipe: Any):
     return num_steps
 
 
+def _generation_from(pipe: Any):
+    """A callable returning the pipeline scheduler's ``timesteps`` tensor, which each pipeline call replaces.
+
+    ``set_timesteps`` runs at the start of every diffusers pipeline call, so a new object means a new generation,
+    even when the previous one raised before diffusers' end-of-call reset (see :mod:`vidsparse.hooks`).
+    """
+    if isinstance(pipe, torch.nn.Module) or getattr(pipe, "scheduler", None) is None:
+        return None
+    ref = weakref.ref(pipe)
+
+    def generation() -> Any:
+        timesteps = getattr(getattr(ref(), "scheduler", None), "timesteps", None)
+        return timesteps if isinstance(timesteps, torch.Tensor) else None
+
+    return generation
+
+
 class SparseHandle:
     """What :func:`apply` / :func:`attach` return: statistics, reset, and :meth:`remove`.
 
@@ -184,7 +201,7 @@ def _install(pipe_or_transformer: Any, config: SparseConfig | None, num_steps: i
                 f"vidsparse is already applied to this {type(t).__name__}; call `handle.remove()` (or "
                 "`vidsparse.remove(pipe)`) before applying again."
             )
-    runtime = SparseRuntime(config, _num_steps_from(pipe_or_transformer))
+    runtime = SparseRuntime(config, _num_steps_from(pipe_or_transformer), _generation_from(pipe_or_transformer))
     runtime.num_steps_override = num_steps
     handle = SparseHandle(runtime, transformers)
     for index, (transformer, adapter) in enumerate(zip(transformers, adapters)):

@@ -26,7 +26,7 @@ from vidsparse.config import check_fraction
 from vidsparse.integration import apply, describe_models, transformers_of
 from vidsparse.pipelines.loading import load_pipeline
 
-from .common import add_model_args, resolve_device, resolve_dtype, step_count
+from .common import add_geometry_args, add_model_args, positive_int, resolve_device, resolve_dtype, step_count
 from .render import check_frames
 
 
@@ -45,10 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="pattern file to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--frames", type=int, help="frames of the calibration clips (default: the model's)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="pixels (default: the model's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    add_geometry_args(p, what="the calibration clips")
+    p.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
     p.add_argument("--recall", type=float, default=0.9, help="attention mass a pattern must keep (default 0.9)")
     p.add_argument(
@@ -116,8 +114,10 @@ def run(args: argparse.Namespace) -> int:
         )
         pipe, model = load_pipeline(args.model, device=device, dtype=dtype, seed=args.seed)
         d = defaults_for(model)
-        frames, height, width = args.frames or d.frames, args.height or d.height, args.width or d.width
-        steps = args.steps or d.steps
+        frames = d.frames if args.frames is None else args.frames
+        height = d.height if args.height is None else args.height
+        width = d.width if args.width is None else args.width
+        steps = d.steps if args.steps is None else args.steps
         guidance = d.guidance_scale if args.guidance_scale is None else args.guidance_scale
         check_frames(pipe, frames)
         t0 = time.perf_counter()

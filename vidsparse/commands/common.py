@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.methods import method_names, parse_method_spec
+from vidsparse.methods import config_from_options, method_names, parse_option_value, split_method_spec
 from vidsparse.pipelines.loading import DTYPES
 
 #: Method used when none is given on the command line.
@@ -30,6 +30,57 @@ def step_count(text: str) -> int | float:
         return float(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r} is not a step count (an int, or a fraction like 0.25)") from err
+
+
+#: Largest ``--height`` / ``--width`` the commands accept, in pixels: above any video model's resolution (Wan 2.2
+#: and HunyuanVideo generate up to 1280x720), and a larger one would only fail later as an out-of-memory error.
+MAX_PIXELS = 8192
+
+
+def positive_int(text: str) -> int:
+    """The argparse type of counts that must be >= 1 (``--frames``, ``--steps``, ...): ``0`` or ``-3`` are refused.
+
+    argparse names the flag in its message (``argument --frames: ...``) and exits with status 2 before the command
+    runs, so nothing is loaded for a bad value.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: expected an integer >= 1.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 1.")
+    return value
+
+
+def pixel_size(text: str) -> int:
+    """The argparse type of ``--height`` / ``--width``: an integer in [1, :data:`MAX_PIXELS`]."""
+    value = positive_int(text)
+    if value > MAX_PIXELS:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too large: at most {MAX_PIXELS} pixels per side (video models generate up to 1280x720)."
+        )
+    return value
+
+
+def add_geometry_args(parser: argparse.ArgumentParser, *, what: str = "the clip", **defaults: int | None) -> None:
+    """``--frames --height --width``, checked by :func:`positive_int` / :func:`pixel_size` at parse time.
+
+    ``defaults`` may set ``frames``, ``height``, ``width`` (default None: the model's).
+    """
+
+    def shown(name: str) -> str:
+        return "the model's" if defaults.get(name) is None else str(defaults[name])
+
+    parser.add_argument(
+        "--frames",
+        type=positive_int,
+        default=defaults.get("frames"),
+        help=f"frames of {what} (default: {shown('frames')})",
+    )
+    for side in ("height", "width"):
+        parser.add_argument(
+            f"--{side}", type=pixel_size, default=defaults.get(side), help=f"pixels (default: {shown(side)})"
+        )
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -88,19 +139,24 @@ def add_method_args(parser: argparse.ArgumentParser, *, default: str | None = DE
 
 
 def method_config(args: argparse.Namespace) -> SparseConfig | None:
-    """The config chosen by the method arguments (``None`` for ``--method none``)."""
+    """The config chosen by the method arguments (``None`` for ``--method none``).
+
+    Options come from three places: the ``--method name:key=value`` spec, the shared flags (``--density`` ...) and
+    ``--opt key=value``. One given in two places is refused with both named (no silent winner).
+    """
     if args.method == STOCK:
         return None
-    spec = args.method
-    extras = []
+    name, options = split_method_spec(args.method, where=f"--method {args.method!r}")
     for flag in ("density", "block_size", "dense_steps", "dense_last_steps", "dense_layers", "backend"):
         value = getattr(args, flag)
         if value is not None:
-            extras.append(f"{flag}={value}")
-    extras.extend(args.opt)
-    if extras:
-        spec += ("," if ":" in spec else ":") + ",".join(extras)
-    return parse_method_spec(spec)
+            options.append((flag, value, f"--{flag.replace('_', '-')} {value}"))
+    for item in args.opt:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ValueError(f"--opt {item!r} is invalid: expected key=value.")
+        options.append((key.strip().replace("-", "_"), parse_option_value(value.strip()), f"--opt {item}"))
+    return config_from_options(name, options)
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -37,7 +37,7 @@ from vidsparse.eval.distributed import (
 from vidsparse.eval.specs import default_methods
 from vidsparse.pipelines.loading import load_pipeline
 
-from .common import add_lora_arg, add_model_args, resolve_device, resolve_dtype
+from .common import add_geometry_args, add_lora_arg, add_model_args, positive_int, resolve_device, resolve_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,11 +81,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--reference", required=True, help="the arm the others are compared with (PSNR/SSIM/LPIPS, time)")
     m.add_argument("--out", required=True, help="folder for arms.json and arms.png")
-    m.add_argument("--frames", type=int, default=61, help="clip length (default 61: twice the shipped model's 31)")
-    m.add_argument("--height", type=int, default=64)
-    m.add_argument("--width", type=int, default=64)
-    m.add_argument("--steps", type=int, default=10, help="denoising steps (default 10, the shipped model's)")
-    m.add_argument("--prompts", type=int, default=8, help="how many of the 8 prompt-following prompts (default 8)")
+    add_geometry_args(m, what="each clip (61: twice the shipped model's 31)", frames=61, height=64, width=64)
+    m.add_argument("--steps", type=positive_int, default=10, help="denoising steps (default 10, the shipped model's)")
+    m.add_argument(
+        "--prompts", type=positive_int, default=8, help="how many of the 8 prompt-following prompts (default 8)"
+    )
     m.add_argument("--lpips", default="alex", choices=("alex", "vgg", "none"))
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=run_arms)
@@ -115,10 +115,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (default: built-in prompts)")
     p.add_argument("--seeds", nargs="+", type=int, help="generation seeds (default: --seed)")
-    p.add_argument("--frames", type=int, help="frames of each clip (default: the model's)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="pixels (default: the model's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    add_geometry_args(p, what="each clip")
+    p.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
     p.add_argument("--repeats", type=int, help="timed generations after the warm-up (default: 1 on CPU, 3 on CUDA)")
     p.add_argument("--out", default="vidsparse-eval", help="output directory (default: %(default)s)")
@@ -261,10 +259,10 @@ def run(args: argparse.Namespace) -> int:
     lora, lora_digest = lora_identity(args.lora)
     d = defaults_for(model)
     geometry = Geometry(
-        frames=args.frames or d.frames,
-        height=args.height or d.height,
-        width=args.width or d.width,
-        steps=args.steps or d.steps,
+        frames=d.frames if args.frames is None else args.frames,
+        height=d.height if args.height is None else args.height,
+        width=d.width if args.width is None else args.width,
+        steps=d.steps if args.steps is None else args.steps,
         guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
     )
     out = Path(args.out)

@@ -19,7 +19,16 @@ from pathlib import Path
 
 from vidsparse.pipelines.loading import load_pipeline
 
-from .common import STOCK, add_method_args, add_model_args, method_config, resolve_device, resolve_dtype
+from .common import (
+    STOCK,
+    add_geometry_args,
+    add_method_args,
+    add_model_args,
+    method_config,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_method_args(p, default=STOCK)
     p.add_argument("--data", metavar="DIR", help="folder of clips + same-stem .txt captions (default: procedural)")
-    p.add_argument("--frames", type=int, help="frames of each training clip (default: the model's)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps of the whole run (default: %(default)s)")
+    add_geometry_args(p, what="each training clip")
+    p.add_argument(
+        "--steps", type=positive_int, default=200, help="optimizer steps of the whole run (default: %(default)s)"
+    )
     p.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this many minutes of this call")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up (default: %(default)s)")

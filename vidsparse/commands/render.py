@@ -11,15 +11,17 @@ import argparse
 import time
 from pathlib import Path
 
-from vidsparse.eval.video_io import write_video
+from vidsparse.eval.video_io import check_video_path, write_video
 from vidsparse.integration import apply
 from vidsparse.pipelines.loading import load_pipeline
 
 from .common import (
+    add_geometry_args,
     add_lora_arg,
     add_method_args,
     add_model_args,
     method_config,
+    positive_int,
     resolve_device,
     resolve_dtype,
 )
@@ -38,10 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_method_args(p)
     p.add_argument("--prompt", default=None, help="text prompt (default: the model's example prompt)")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--frames", type=int, help="frames of the clip (default: the model's)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="pixels (default: the model's)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    add_geometry_args(p)
+    p.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--out", default="clip.mp4", help="output video (.mp4, .webm or .gif)")
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from vidsparse.pipelines.tiny import defaults_for
 
     config = method_config(args)  # validate options before the (slow) model load
+    # The output paths too: a bad one found after the generation would cost the whole generation.
+    check_video_path(args.out, "--out", height=args.height, width=args.width)
+    if args.gif:
+        check_video_path(args.gif, "--gif", height=args.height, width=args.width)
     if args.lora is not None:
         check_lora_folder(args.lora)
     device = resolve_device(args.device)
@@ -75,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     pipe, model = load_pipeline(args.model, device=device, dtype=dtype, seed=args.seed, lora=args.lora)
     load_s = time.perf_counter() - t0
     d = defaults_for(model)
-    frames = args.frames or d.frames
-    height, width = args.height or d.height, args.width or d.width
-    steps = args.steps or d.steps
+    # None = not given (the flags' types refuse 0 and negatives, so `or` would hide nothing; `is None` says why).
+    frames = d.frames if args.frames is None else args.frames
+    height = d.height if args.height is None else args.height
+    width = d.width if args.width is None else args.width
+    steps = d.steps if args.steps is None else args.steps
     check_frames(pipe, frames)
     handle = apply(pipe, config) if config is not None else None
     t1 = time.perf_counter()

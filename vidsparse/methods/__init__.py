@@ -184,7 +184,7 @@ def make_config(method_or_config: str | SparseConfig, **overrides: Any) -> Spars
     )
 
 
-def _parse_value(text: str) -> Any:
+def parse_option_value(text: str) -> Any:
     """Parse one option value of a method spec: bool, None, int, float, a tuple (``a/b/c``) or a string."""
     low = text.lower()
     if low in ("true", "false"):
@@ -192,7 +192,7 @@ def _parse_value(text: str) -> Any:
     if low == "none":
         return None
     if "/" in text:
-        return tuple(_parse_value(part) for part in text.split("/"))
+        return tuple(parse_option_value(part) for part in text.split("/"))
     for cast in (int, float):
         try:
             return cast(text)
@@ -201,23 +201,74 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def parse_method_spec(spec: str) -> SparseConfig:
+#: One option of a method and where it came from: (name, value, source), e.g. ``("density", 0.3, "--density 0.3")``.
+MethodOption = tuple[str, Any, str]
+
+
+def split_method_spec(spec: str, *, where: str | None = None) -> tuple[str, list[MethodOption]]:
+    """Split ``"name"`` / ``"name:opt=value,opt=value"`` into the name and its options, each with its source.
+
+    Refuses what would otherwise pass silently: an empty option list (``"radial:"``), empty items
+    (``"radial:a=1,,b=2"``, a trailing comma), an item without ``=`` or without a value. ``where`` names the spec in
+    messages (default: the spec itself, quoted), e.g. ``"--method 'radial:density=0.3'"``.
+    """
+    where = where or f"method spec {spec!r}"
+    name, colon, rest = spec.partition(":")
+    name = name.strip()
+    if colon and not rest.strip():
+        raise ValueError(f"{where}: nothing follows ':'; write {name!r} alone, or {name + ':key=value'!r}.")
+    options: list[MethodOption] = []
+    if not colon:
+        return name, options
+    for part in rest.split(","):
+        item = part.strip()
+        if not item:
+            raise ValueError(f"{where} has an empty option (two commas in a row, or a comma at an end): remove it.")
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method option {item!r} in {where} is invalid: expected name=value.")
+        if not value.strip():
+            raise ValueError(f"method option {item!r} in {where} has no value: expected name=value.")
+        options.append((key.strip().replace("-", "_"), parse_option_value(value.strip()), f"{item!r} in {where}"))
+    return name, options
+
+
+def config_from_options(name: str, options: list[MethodOption]) -> SparseConfig:
+    """A validated config of method ``name`` from options gathered from several sources (spec, flags, ...).
+
+    An option given twice (by one source or two) is refused with both sources named, instead of one silently
+    winning; so is a ``density`` for a method without a density target (:attr:`MethodSpec.targets_density`:
+    ``window``, ``dense``), which would ignore it.
+    """
+    spec = get_method(name)
+    overrides: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, value, source in options:
+        if key in sources:
+            raise ValueError(f"option {key!r} is given twice: {sources[key]} and {source}; give it once.")
+        overrides[key], sources[key] = value, source
+    if overrides.get("density") is not None and not spec.targets_density:
+        raise ValueError(
+            f"{sources['density']}: method {name!r} has no density target (its density follows from its other "
+            "options), so density would be ignored; drop it. Methods with one: "
+            + ", ".join(n for n in [*method_names(), *_REFERENCE_MODULES] if get_method(n).targets_density)
+            + "."
+        )
+    try:
+        return make_config(name, **overrides)
+    except TypeError as err:  # unknown option names: a usage error on the command line
+        raise ValueError(str(err)) from err
+
+
+def parse_method_spec(spec: str, *, where: str | None = None) -> SparseConfig:
     """Parse ``"name"`` or ``"name:opt=value,opt=value"`` (the CLI's method syntax) into a validated config.
 
     Example: ``parse_method_spec("radial:density=0.25,faithful=true")``. Tuples are written with ``/``
-    (``tile=4/4/4``).
+    (``tile=4/4/4``). Empty items, repeated options and a density for a method without a density target are
+    refused (see :func:`split_method_spec`, :func:`config_from_options`); ``where`` names the spec in messages.
     """
-    name, _, rest = spec.partition(":")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"method option {item!r} in {spec!r} is invalid: expected name=value.")
-        overrides[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    try:
-        return make_config(name.strip(), **overrides)
-    except TypeError as err:  # unknown option names: a usage error on the command line
-        raise ValueError(str(err)) from err
+    name, options = split_method_spec(spec, where=where)
+    return config_from_options(name, options)
 
 
 _STATIC_CACHE: OrderedDict[tuple, BlockPlan] = OrderedDict()

@@ -608,11 +608,14 @@ def plan(
 
 
 def check_model(config: CachedConfig, models: list[ModelInfo]) -> None:
-    """At :func:`vidsparse.apply`: a pattern file must have been made for these transformers (class, config)."""
+    """At :func:`vidsparse.apply`: the pattern file must fit these transformers and this config.
+
+    Class, config fingerprint, layer count, and block size: refused here, not at the first sparse step.
+    """
     if config.mode == "offline":
         from .cached_patterns import load_patterns
 
-        load_patterns(config.patterns).check_model(models)
+        load_patterns(config.patterns).check_model(models, block_size=config.block_size)
 
 
 METHOD = MethodSpec(

@@ -240,6 +240,15 @@ class PatternFile:
             )
         if bool((self.params < 0).any()):
             raise ValueError(f"{where}: pattern_params must be >= 0.")
+        for name, tensor in (("recall", self.recall), ("density", self.density)):
+            # NaN compares false with everything: test "inside [0, 1]" rather than "outside", so NaN fails too.
+            bad = ~(torch.isfinite(tensor) & (tensor >= 0) & (tensor <= 1))
+            if bool(bad.any()):
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"{where}: {name} must be finite numbers in [0, 1]; {int(bad.sum())} entries are not (first at "
+                    f"[model, layer, head] {list(first)}: {float(tensor[first])}): the file is corrupted."
+                )
         self.kinds, self.params = self.kinds.to(torch.int32), self.params.to(torch.int32)
         self.columns = self.columns.to(torch.bool)
 
@@ -258,9 +267,19 @@ class PatternFile:
         return bool((self.kinds == STRIPE).any())
 
     # ------------------------------------------------------------------------------------------------ checks
-    def check_model(self, models: list[ModelInfo]) -> None:
-        """Raise ``ValueError`` unless the file was calibrated for exactly these transformers (class and config)."""
+    def check_model(self, models: list[ModelInfo], *, block_size: int | None = None) -> None:
+        """Raise ``ValueError`` unless the file was calibrated for exactly these transformers (class and config).
+
+        Also checked here, at :func:`vidsparse.apply` rather than at the first sparse step (after the dense
+        warm-up): the layer count of each model against the file's, and ``block_size`` (the config's, when given)
+        against the file's.
+        """
         where = f"patterns file {self.path!r}" if self.path else "patterns"
+        if block_size is not None and block_size != self.block_size:
+            raise ValueError(
+                f"{where} was calibrated with block_size={self.block_size}; the config has "
+                f"block_size={block_size}: pass block_size={self.block_size}."
+            )
         classes = tuple(m.class_name for m in models)
         if len(models) != len(self.model_classes):
             raise ValueError(
@@ -276,6 +295,11 @@ class PatternFile:
                     f"{where} was calibrated for another {cls} configuration (config fingerprint {fp}, "
                     f"this model's is {actual}: a different size or architecture); run `vidsparse "
                     "calibrate` for this model."
+                )
+            if m.num_layers > self.shape[1]:
+                raise ValueError(
+                    f"{where} covers {self.shape[1]} layers per model; model {index} ({cls}) has {m.num_layers} "
+                    "attention layers vidsparse makes sparse: the file is corrupted or was edited."
                 )
 
     def check_call(self, *, model: int, layer: int, heads: int | None, layout: VideoLayout, block_size: int) -> None:
