@@ -256,6 +256,17 @@ def is_interpreted() -> bool:
     return isinstance(_block_sparse_attn_fwd, InterpretedFunction)
 
 
+# Triton decorates its own helpers (tl.zeros, tl.sum, tl.max: jit functions since Triton 3.x) when triton is first
+# imported, and this module's kernels when it is imported. TRITON_INTERPRET set in between gives interpreted kernels
+# calling compiled helpers, which fails only at the first launch ("Cannot call @triton.jit'd outside of the scope of
+# a kernel"): refuse here instead, with the fix.
+if is_interpreted() != isinstance(tl.sum, InterpretedFunction):
+    raise ImportError(
+        "vidsparse.kernels.block_sparse_attn: TRITON_INTERPRET changed after triton was imported (triton's own "
+        "helpers and this kernel disagree on interpretation); set TRITON_INTERPRET=1 before Python imports triton."
+    )
+
+
 def _cuda_configs() -> list[triton.Config]:
     """The autotuning space on CUDA: tile shapes (BLOCK_M, BLOCK_N), warps and pipeline stages.
 
