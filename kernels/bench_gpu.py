@@ -90,7 +90,10 @@ def random_plan(
 
 
 def attended_pairs(plan: BlockPlan, heads: int | None = None) -> int:
-    """(query, key) token pairs the plan computes, summed over batch and ``heads`` (default the plan's; tail counted)."""
+    """(query, key) token pairs the plan computes, summed over batch and ``heads`` (default: the plan's heads).
+
+    The partial last block counts its real tokens; a plan with one head serves ``heads`` heads.
+    """
     qb = plan.num_q_blocks
     tokens = torch.full((qb,), plan.block_size, dtype=torch.float64, device=plan.device)
     tokens[-1] = plan.seq_len - (qb - 1) * plan.block_size
@@ -205,7 +208,7 @@ class Runner:
         self.report, self.budget, self.save = report, budget, save
 
     def run(self, name: str, case: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        """Run ``case()`` if the budget allows; its dict gets ``name`` and ``case_s``; errors are recorded, not raised."""
+        """Run ``case()`` if the budget allows; its row gets ``name`` and ``case_s``; errors are recorded."""
         if not self.budget.allows():
             reason = (
                 f"budget: {self.budget.elapsed():.0f} s of {self.budget.seconds:.0f} s used, the longest case took "
@@ -302,9 +305,6 @@ def bench_shape(
 
     for method in vidsparse.method_names():
         runner.run(f"{tokens}/{model}/sparse/{method}", method_case(method))
-    del q, k, v, reference
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def bench_planning(runner: Runner, args: argparse.Namespace, device: torch.device, tokens: int) -> None:
@@ -322,7 +322,7 @@ def bench_planning(runner: Runner, args: argparse.Namespace, device: torch.devic
         ("block_mask_to_lut", lambda backend: block_mask_to_lut(mask, backend=backend)),
     ):
 
-        def case(fn=fn) -> dict[str, Any]:
+        def case(fn=fn, name=name) -> dict[str, Any]:
             same = _outputs_match(fn("torch"), fn("triton"))
             torch_ms = time_ms(lambda: fn("torch"), device, smoke=args.smoke)
             triton_ms = time_ms(lambda: fn("triton"), device, smoke=args.smoke)
@@ -459,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         for tokens, grid in grids.items():
             for model in MODELS:
                 bench_shape(runner, args, device, tokens, grid, model)
+                if cuda:
+                    torch.cuda.empty_cache()  # this shape's q/k/v are freed; the next one is larger
         if not args.no_planning:
             bench_planning(runner, args, device, max(grids))
     report["meta"]["complete"] = not report["skipped"]
