@@ -15,13 +15,13 @@
 #    75 600 tokens, bf16); its own time budget skips what does not fit and says so in the JSON;
 # 3. gpu_e2e.log: only when diffusers imports: the Wan integration tests (a tiny transformer with vidsparse applied).
 #
-# vidsparse is imported from a staged copy (the package-dir mapping of pyproject.toml, done by hand), so the check needs
-# neither pip nor vidsparse's other dependencies on the GPU machine: steps 0-2 need torch and triton only.
+# vidsparse is imported from the checkout (PYTHONPATH, no pip install), and steps 0-2 need only torch and triton (and
+# pytest): vidsparse's diffusers integration loads lazily, on first use.
 #
 # Carrying diffusers for step 3 (the GPU machine has no diffusers and no network; pure-Python wheels can be carried in
 # the git-ignored wheels/ folder of the working tree):
 #   here:  pip download diffusers --no-deps -d wheels/        # one pure-Python wheel, a few MB
-#   there: this script installs it: pip install --no-index --find-links wheels/ --no-deps --target <stage> diffusers
+#   there: this script installs it: pip install --no-index --find-links wheels/ --no-deps --target <tmp> wheels/*.whl
 # (diffusers' own requirements — huggingface_hub, safetensors, numpy, Pillow, regex, requests — must already be there.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,16 +45,13 @@ mkdir -p "$RESULTS"
 
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
-cp -r vidsparse "$STAGE/vidsparse"
-for sub in kernels pipelines eval; do
-  [ -d "$sub" ] && rm -rf "$STAGE/vidsparse/$sub" && cp -r "$sub" "$STAGE/vidsparse/$sub"
-done
 SITE="$STAGE/site"
 if [ -d wheels ] && ls wheels/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --find-links wheels/ --no-deps --target "$SITE" wheels/*.whl 2>&1 | tail -3
 fi
-# PYTHONSAFEPATH: the repository root must not shadow the staged package (its vidsparse/ lacks vidsparse.kernels).
-export PYTHONPATH="$STAGE:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
+# vidsparse from this checkout, without installing it: vidsparse/__init__.py maps vidsparse.kernels / .pipelines /
+# .eval to the top-level folders (pyproject.toml's package-dir, done at import time).
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 {
   echo "gpu_check.sh $* ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
