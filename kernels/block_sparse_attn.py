@@ -36,6 +36,7 @@ is imported; ``tests/conftest.py`` does it): slowly, on CPU tensors, which is ho
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -424,18 +425,28 @@ def _launch(
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
     plan_strides = (*kv_num.stride(), *kv_idx.stride(), stride_mb, stride_gb)
     args = (q, k, v, out, lse, kv_num, kv_idx, key_mask, groups, *strides, *plan_strides, h, s, scale * _LOG2E)
-    if tiles is None and not is_interpreted():
+    if tiles is not None:
+        block_m, block_n = tiles
+        if block_size % block_m or block_size % block_n or min(block_m, block_n) < 16:
+            raise ValueError(f"tiles={tiles!r} is invalid: both must be >= 16 and divide block_size={block_size}.")
+    # Triton launches on the *current* CUDA device; a model placed on cuda:1 (diffusers device_map) would otherwise
+    # run on cuda:0 with cuda:1 pointers (an illegal address).
+    with _device_guard(q.device):
+        if tiles is None and not is_interpreted():
 
-        def grid(meta: dict) -> tuple[int, int]:
-            return (triton.cdiv(s, meta["BLOCK_M"]), b * h)
+            def grid(meta: dict) -> tuple[int, int]:
+                return (triton.cdiv(s, meta["BLOCK_M"]), b * h)
 
-        _autotuned_fwd[grid](*args, **common)
-        return out, lse
-    block_m, block_n = tiles if tiles is not None else (block_size, block_size)
-    if block_size % block_m or block_size % block_n or min(block_m, block_n) < 16:
-        raise ValueError(f"tiles={tiles!r} is invalid: both must be >= 16 and divide block_size={block_size}.")
-    _block_sparse_attn_fwd[(triton.cdiv(s, block_m), b * h)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+            _autotuned_fwd[grid](*args, **common)
+            return out, lse
+        block_m, block_n = tiles if tiles is not None else (block_size, block_size)
+        _block_sparse_attn_fwd[(triton.cdiv(s, block_m), b * h)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **common)
     return out, lse
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA tensor's device (launches go there), else a no-op context."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------- the custom op

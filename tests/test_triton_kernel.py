@@ -4,6 +4,7 @@ On CPU the kernel runs under Triton's interpreter (tests/conftest.py sets TRITON
 on a CUDA machine the same tests run compiled, plus the larger ``cuda_only`` cases at the end.
 """
 
+import contextlib
 import math
 import os
 import subprocess
@@ -271,3 +272,50 @@ def test_cuda_fp32_is_not_tf32():
     """fp32 inputs must not be rounded to TF32 by the tensor cores (atol 1e-4 would fail at D=128)."""
     plan = random_plan(2, 2, 1000, 64, seed=11)
     assert_matches_reference(*qkv(2, 2, 1000, 128), plan)
+
+
+def test_launch_runs_under_the_tensors_device(monkeypatch):
+    """The kernel is launched inside the device guard of q's device (a model on cuda:1 must not launch on cuda:0)."""
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    events = []
+
+    class Guard:
+        def __init__(self, device):
+            events.append(("guard", device))
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    real = bsa._block_sparse_attn_fwd
+
+    class Kernel:  # records that the launch happens between enter and exit
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                events.append("launch")
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(bsa, "_device_guard", Guard)
+    monkeypatch.setattr(bsa, "_block_sparse_attn_fwd", Kernel())
+    q, k, v = qkv(1, 1, 64, 16)
+    plan = random_plan(1, 1, 64, 64, density=1.0)
+    _launch(q, k, v, plan.kv_num, plan.kv_idx, 64, 0.25, None, tiles=(64, 64))
+    assert events == [("guard", q.device), "enter", "launch", "exit"]
+
+
+def test_device_guard_selects_cuda_devices(monkeypatch):
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: seen.append(device) or contextlib.nullcontext())
+    with bsa._device_guard(torch.device("cuda", 1)):
+        pass
+    assert seen == [torch.device("cuda", 1)]
+    with bsa._device_guard(torch.device("cpu")):  # no CUDA call for CPU (interpreted) tensors
+        pass
+    assert seen == [torch.device("cuda", 1)]
