@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 import triton
@@ -47,7 +48,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from vidsparse.config import SUPPORTED_BLOCK_SIZES, check_choice
 from vidsparse.plan import num_blocks
 
-__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "block_sparse_attn", "is_interpreted"]
+__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "block_sparse_attn", "check_plan_indices", "is_interpreted"]
 
 #: Head dimensions the kernel is compiled for (tl.arange needs a power of two; 16/32 keep interpreter tests cheap).
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
@@ -372,6 +373,46 @@ def _check_inputs(
             )
 
 
+#: Plans already checked: id(kv_idx) -> (id(kv_num), versions of both). In-place edits bump a tensor's version, so
+#: an edited plan is checked again; entries go when kv_idx is freed.
+_checked_plans: dict[int, tuple[int, int, int]] = {}
+
+
+def check_plan_indices(kv_num: torch.Tensor, kv_idx: torch.Tensor, kv_blocks: int) -> None:
+    """Raise ``ValueError`` unless ``0 <= kv_num <= Kmax`` and every used ``kv_idx`` entry is in ``[0, kv_blocks)``.
+
+    The kernel trusts the plan: a count past Kmax reads the next row's indices, an index out of range reads another
+    head's keys (or faults). One pass over the index tensors (one host sync), once per plan: repeated calls with the
+    same, unmodified tensors cost a dict lookup.
+
+    Args:
+        kv_num: int32 ``[B, H, Qb]``.
+        kv_idx: int32 ``[B, H, Qb, Kmax]``; entries past ``kv_num`` in a row are padding and not checked.
+        kv_blocks: Kb, the number of key blocks of the sequence.
+    """
+    key = (id(kv_num), kv_num._version, kv_idx._version)
+    if _checked_plans.get(id(kv_idx)) == key:
+        return
+    kmax = kv_idx.shape[-1]
+    used = torch.arange(kmax, device=kv_idx.device) < kv_num.unsqueeze(-1)
+    bad_idx = used & ((kv_idx < 0) | (kv_idx >= kv_blocks))
+    stats = torch.stack([kv_num.min(), kv_num.max(), bad_idx.sum()]).tolist() if kv_num.numel() else [0, 0, 0]
+    lo, hi, n_bad = stats
+    if lo < 0 or hi > kmax:
+        raise ValueError(
+            f"plan kv_num has values in [{lo}, {hi}]: expected 0 <= kv_num <= Kmax = {kmax} (kv_idx.shape[-1])."
+        )
+    if n_bad:
+        first = tuple(bad_idx.nonzero()[0].tolist())
+        raise ValueError(
+            f"plan kv_idx has {n_bad} used entries outside [0, Kb = {kv_blocks}): e.g. kv_idx{list(first)} = "
+            f"{kv_idx[first].item()} (the first kv_num entries of each row are read)."
+        )
+    if id(kv_idx) not in _checked_plans:
+        weakref.finalize(kv_idx, _checked_plans.pop, id(kv_idx), None)
+    _checked_plans[id(kv_idx)] = key
+
+
 def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -463,6 +504,8 @@ def _block_sparse_attn_op(
     causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.vidsparse.block_sparse_attn``: the kernel as an opaque op (a graph break-free unit for compile)."""
+    # Inside the op, so the check's host sync is invisible to torch.compile (no graph break).
+    check_plan_indices(kv_num, kv_idx, num_blocks(q.shape[2], block_size))
     return _launch(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups)
 
 

@@ -319,3 +319,41 @@ def test_device_guard_selects_cuda_devices(monkeypatch):
     with bsa._device_guard(torch.device("cpu")):  # no CUDA call for CPU (interpreted) tensors
         pass
     assert seen == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda n, i: n.view(-1)[1].fill_(i.shape[-1] + 1), "kv_num has values"),
+        (lambda n, i: n.view(-1)[0].fill_(-1), "kv_num has values"),
+        (lambda n, i: i[0, 0, 1, 0].fill_(3), r"outside \[0, Kb = 3\)"),
+        (lambda n, i: i[0, 0, 2, 0].fill_(-2), r"kv_idx\[0, 0, 2, 0\] = -2"),
+    ],
+)
+def test_malformed_plan_raises_clearly(edit, message):
+    q, k, v = qkv(1, 1, 150, 16)
+    plan = random_plan(1, 1, 150, 64, density=0.5)
+    kv_num, kv_idx = plan.kv_num.clone(), plan.kv_idx.clone()
+    edit(kv_num, kv_idx)
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attn(q, k, v, kv_num, kv_idx, block_size=64)
+
+
+def test_plan_check_runs_once_per_plan_and_again_after_an_edit(monkeypatch):
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    plan = random_plan(1, 2, 150, 64)
+    kv_num, kv_idx = plan.kv_num.clone(), plan.kv_idx.clone()
+    calls = []
+    real_arange = torch.arange
+    monkeypatch.setattr(bsa.torch, "arange", lambda *a, **kw: calls.append(1) or real_arange(*a, **kw))
+    bsa.check_plan_indices(kv_num, kv_idx, 3)
+    bsa.check_plan_indices(kv_num, kv_idx, 3)
+    assert len(calls) == 1  # the second call is a cache hit
+    padding = kv_idx.shape[-1] - 1
+    if kv_num[0, 0, 0] <= padding:  # unused entries are not checked...
+        kv_idx[0, 0, 0, padding] = 99
+        bsa.check_plan_indices(kv_num, kv_idx, 3)
+    kv_idx[0, 0, 0, 0] = 99  # ...but an in-place edit of a used one is seen
+    with pytest.raises(ValueError, match="kv_idx"):
+        bsa.check_plan_indices(kv_num, kv_idx, 3)
