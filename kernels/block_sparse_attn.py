@@ -284,6 +284,10 @@ def _cuda_configs() -> list[triton.Config]:
         (128, 128, 8, 3),
         (128, 128, 8, 2),
         (64, 128, 4, 3),
+        # fp32 at head dim 128 (and padded dims up to 256): the tiles above may all exceed shared memory or registers
+        # with 4-byte elements; these small ones fit, so autotuning always has a candidate.
+        (32, 64, 4, 2),
+        (32, 32, 4, 2),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 

@@ -357,3 +357,13 @@ def test_plan_check_runs_once_per_plan_and_again_after_an_edit(monkeypatch):
     kv_idx[0, 0, 0, 0] = 99  # ...but an in-place edit of a used one is seen
     with pytest.raises(ValueError, match="kv_idx"):
         bsa.check_plan_indices(kv_num, kv_idx, 3)
+
+
+def test_small_tiles_for_fp32_head_dim_128():
+    """fp32 at D=128 needs a small tile among the autotune configs; the kernel is exact with it."""
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    configs = bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 64})
+    assert (32, 64) in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs}
+    q, k, v = qkv(1, 1, 100, 128)
+    assert_matches_reference(q, k, v, random_plan(1, 1, 100, 64), tiles=(32, 64))
