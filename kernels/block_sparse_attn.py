@@ -48,10 +48,27 @@ from triton.runtime.interpreter import InterpretedFunction
 from vidsparse.config import SUPPORTED_BLOCK_SIZES, check_choice
 from vidsparse.plan import num_blocks
 
-__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "block_sparse_attn", "check_plan_indices", "is_interpreted"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "block_sparse_attn",
+    "check_plan_indices",
+    "is_interpreted",
+]
 
-#: Head dimensions the kernel is compiled for (tl.arange needs a power of two; 16/32 keep interpreter tests cheap).
+#: Head dimensions the kernel runs without padding (tl.arange needs a power of two, tl.dot at least 16).
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
+#: Largest head dimension; others (80, 96, 160, ...) are padded to the next power of two with masked loads, the way
+#: FlexAttention does: the padded columns load as 0, so they add nothing to q.k and are never stored.
+MAX_HEAD_DIM = 256
+
+
+def padded_head_dim(d: int) -> int:
+    """The power of two >= max(d, 16) the kernel computes with for head dimension ``d``."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
 #: Input dtypes; the output has the input's dtype, softmax statistics and accumulator are always float32.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -76,8 +93,10 @@ def _attend_key_tile(
     stride_vs,
     offs_n,
     offs_d,
+    d_ok,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    PAD_D: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -88,8 +107,13 @@ def _attend_key_tile(
     # K is loaded transposed (D x BLOCK_N) straight from memory, so q @ k needs no register shuffle.
     if MASK_KEYS:
         in_seq = cols < seq_len
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        k_ok = in_seq[None, :] & d_ok[:, None]  # d_ok is all True unless the head dim is padded
+        v_ok = in_seq[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=k_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=v_ok, other=0.0)
+    elif PAD_D:
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
     else:
         k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
@@ -168,6 +192,7 @@ def _block_sparse_attn_fwd(
     seq_len,
     qk_scale,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
     PLAN_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -187,7 +212,8 @@ def _block_sparse_attn_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM  # constant True (folded away) when HEAD_DIM is a power of two
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -195,7 +221,7 @@ def _block_sparse_attn_fwd(
     groups_base = Groups + off_b * stride_gb
 
     q_rows = offs_m < seq_len
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_rows[:, None], other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_rows[:, None] & d_ok[None, :], other=0.0)
     if HAS_GROUPS:
         q_groups = tl.load(groups_base + offs_m, mask=q_rows, other=0)
     else:
@@ -208,7 +234,7 @@ def _block_sparse_attn_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # 0, not the tutorial's 1: an empty row must be recognisable
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # MASK_KEYS is False when S is a multiple of the block and no padding mask is given: the loop body is then the
     # dense tutorial's, without any compare/select.
     for j in range(0, n_kv):
@@ -233,8 +259,10 @@ def _block_sparse_attn_fwd(
                 stride_vs,
                 offs_n,
                 offs_d,
+                d_ok,
                 BLOCK_N,
                 MASK_KEYS,
+                HEAD_DIM != HEAD_DIM_PAD,
                 HAS_KEY_MASK,
                 HAS_GROUPS,
                 DOT_PRECISION,
@@ -248,7 +276,8 @@ def _block_sparse_attn_fwd(
     # m_i is in log2 units of the scaled scores, so the natural-log LSE is (m + log2 l) * ln 2.
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_base = Out + off_b * stride_ob + off_h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_rows[:, None])
+    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_rows[:, None] & d_ok[None, :])
     tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=q_rows)
 
 
@@ -293,14 +322,25 @@ def _cuda_configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the tiles that divide the plan block: a query tile must not straddle two plan rows."""
+    """Keep the tiles that divide the plan block: a query tile must not straddle two plan rows.
+
+    Above a head dim of 128 (padded 256) only tiles of at most 64 x 64: the q tile and accumulator live in registers.
+    """
     plan_block = kwargs.get("PLAN_BLOCK", named_args.get("PLAN_BLOCK"))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= plan_block and c.kwargs["BLOCK_N"] <= plan_block]
+    head_dim = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 128))
+    max_tile = 64 * 64 if head_dim > 128 else plan_block * plan_block
+    return [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= plan_block
+        and c.kwargs["BLOCK_N"] <= plan_block
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
+    ]
 
 
 _autotuned_fwd = triton.autotune(
     configs=_cuda_configs(),
-    key=["seq_len", "HEAD_DIM", "PLAN_BLOCK", "MASK_KEYS", "HAS_KEY_MASK", "HAS_GROUPS"],
+    key=["seq_len", "HEAD_DIM", "HEAD_DIM_PAD", "PLAN_BLOCK", "MASK_KEYS", "HAS_KEY_MASK", "HAS_GROUPS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_block_sparse_attn_fwd)
 
@@ -329,7 +369,8 @@ def _check_inputs(
             f"{', '.join(map(str, SUPPORTED_DTYPES))}."
         )
     b, h, s, d = q.shape
-    check_choice("head_dim", d, SUPPORTED_HEAD_DIMS)
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={d} is invalid: expected 1 <= head_dim <= {MAX_HEAD_DIM}.")
     if not (k.device == q.device == v.device == kv_num.device == kv_idx.device):
         raise ValueError(
             f"q, k, v, kv_num, kv_idx must share a device; got {q.device}, {k.device}, {v.device}, "
@@ -459,6 +500,7 @@ def _launch(
     stride_gb = groups.stride(0) if has_groups and groups.shape[0] == b else 0
     common = dict(
         HEAD_DIM=d,
+        HEAD_DIM_PAD=padded_head_dim(d),
         PLAN_BLOCK=block_size,
         MASK_KEYS=s % block_size != 0 or has_key_mask or has_groups,
         HAS_KEY_MASK=has_key_mask,
@@ -535,7 +577,8 @@ def block_sparse_attn(
     """Block-sparse attention forward with the Triton kernel.
 
     Args:
-        q, k, v: ``[B, H, S, D]`` in plan order, one dtype of float16/bfloat16/float32, D in 16/32/64/128; CUDA
+        q, k, v: ``[B, H, S, D]`` in plan order, one dtype of float16/bfloat16/float32, D <= 256 (powers of two
+            from 16 run unpadded, others padded to the next one); CUDA
             tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
         kv_num: int32 ``[B or 1, H or 1, Qb]``, ``Qb = ceil(S / block_size)``: key blocks per query block.
         kv_idx: int32 ``[B or 1, H or 1, Qb, Kmax]``: the key blocks, first ``kv_num`` entries of a row read.

@@ -209,7 +209,7 @@ def test_opcheck_fake_and_schema():
     ("change", "message"),
     [
         (dict(dtype=torch.float64), "dtypes"),
-        (dict(d=24), "head_dim=24"),
+        (dict(d=300), "head_dim=300"),
         (dict(block=32), "block_size=32"),
         (dict(plan_s=70), "plan shape"),
         (dict(scale=-1.0), "scale=-1.0"),
@@ -367,3 +367,22 @@ def test_small_tiles_for_fp32_head_dim_128():
     assert (32, 64) in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs}
     q, k, v = qkv(1, 1, 100, 128)
     assert_matches_reference(q, k, v, random_plan(1, 1, 100, 64), tiles=(32, 64))
+
+
+@pytest.mark.parametrize(("d", "s", "tiles"), [(80, 100, None), (96, 64, (32, 64)), (160, 70, None), (24, 40, None)])
+def test_head_dims_padded_to_a_power_of_two(d, s, tiles):
+    """Head dims outside 16/32/64/128 run padded to the next power of two, with the reference's results."""
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    assert bsa.padded_head_dim(d) == {80: 128, 96: 128, 160: 256, 24: 32}[d]
+    q, k, v = qkv(1, 2, s, d)
+    out, _ = assert_matches_reference(q, k, v, random_plan(1, 2, s, 64), tiles=tiles)
+    assert out.shape[-1] == d
+
+
+def test_padded_head_dim_prunes_large_tiles():
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    kept = bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 128, "HEAD_DIM_PAD": 256})
+    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
+    assert len(bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 128, "HEAD_DIM_PAD": 128})) > len(kept)
