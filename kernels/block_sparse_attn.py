@@ -197,6 +197,7 @@ def _block_sparse_attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    TAIL_ONLY: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -242,32 +243,90 @@ def _block_sparse_attn_fwd(
         # A plan block of 128 keys may be walked as two 64-key tiles (smaller tiles, fewer registers).
         for sub in tl.static_range(PLAN_BLOCK // BLOCK_N):
             start_n = kv_block * PLAN_BLOCK + sub * BLOCK_N
-            acc, l_i, m_i = _attend_key_tile(
-                acc,
-                l_i,
-                m_i,
-                q,
-                q_groups,
-                k_base,
-                v_base,
-                key_mask_base,
-                groups_base,
-                start_n,
-                seq_len,
-                qk_scale,
-                stride_ks,
-                stride_vs,
-                offs_n,
-                offs_d,
-                d_ok,
-                BLOCK_N,
-                MASK_KEYS,
-                HEAD_DIM != HEAD_DIM_PAD,
-                HAS_KEY_MASK,
-                HAS_GROUPS,
-                DOT_PRECISION,
-                DOT_IN_FP32,
-            )
+            # Only the tile that crosses the end of the sequence needs the bounds mask (TAIL_ONLY: no padding mask
+            # or groups); every other tile runs the unmasked body.
+            if TAIL_ONLY:
+                if start_n + BLOCK_N > seq_len:
+                    acc, l_i, m_i = _attend_key_tile(
+                        acc,
+                        l_i,
+                        m_i,
+                        q,
+                        q_groups,
+                        k_base,
+                        v_base,
+                        key_mask_base,
+                        groups_base,
+                        start_n,
+                        seq_len,
+                        qk_scale,
+                        stride_ks,
+                        stride_vs,
+                        offs_n,
+                        offs_d,
+                        d_ok,
+                        BLOCK_N,
+                        True,
+                        HEAD_DIM != HEAD_DIM_PAD,
+                        HAS_KEY_MASK,
+                        HAS_GROUPS,
+                        DOT_PRECISION,
+                        DOT_IN_FP32,
+                    )
+                else:
+                    acc, l_i, m_i = _attend_key_tile(
+                        acc,
+                        l_i,
+                        m_i,
+                        q,
+                        q_groups,
+                        k_base,
+                        v_base,
+                        key_mask_base,
+                        groups_base,
+                        start_n,
+                        seq_len,
+                        qk_scale,
+                        stride_ks,
+                        stride_vs,
+                        offs_n,
+                        offs_d,
+                        d_ok,
+                        BLOCK_N,
+                        False,
+                        HEAD_DIM != HEAD_DIM_PAD,
+                        HAS_KEY_MASK,
+                        HAS_GROUPS,
+                        DOT_PRECISION,
+                        DOT_IN_FP32,
+                    )
+            else:
+                acc, l_i, m_i = _attend_key_tile(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    q_groups,
+                    k_base,
+                    v_base,
+                    key_mask_base,
+                    groups_base,
+                    start_n,
+                    seq_len,
+                    qk_scale,
+                    stride_ks,
+                    stride_vs,
+                    offs_n,
+                    offs_d,
+                    d_ok,
+                    BLOCK_N,
+                    MASK_KEYS,
+                    HEAD_DIM != HEAD_DIM_PAD,
+                    HAS_KEY_MASK,
+                    HAS_GROUPS,
+                    DOT_PRECISION,
+                    DOT_IN_FP32,
+                )
 
     # Epilogue. Empty rows (every key padded) have l_i == 0: output 0 and LSE -inf, as the reference defines them.
     empty = l_i == 0.0
@@ -340,7 +399,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 _autotuned_fwd = triton.autotune(
     configs=_cuda_configs(),
-    key=["seq_len", "HEAD_DIM", "HEAD_DIM_PAD", "PLAN_BLOCK", "MASK_KEYS", "HAS_KEY_MASK", "HAS_GROUPS"],
+    key=["seq_len", "HEAD_DIM", "HEAD_DIM_PAD", "PLAN_BLOCK", "MASK_KEYS", "TAIL_ONLY", "HAS_KEY_MASK", "HAS_GROUPS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_block_sparse_attn_fwd)
 
@@ -503,6 +562,8 @@ def _launch(
         HEAD_DIM_PAD=padded_head_dim(d),
         PLAN_BLOCK=block_size,
         MASK_KEYS=s % block_size != 0 or has_key_mask or has_groups,
+        # A partial last block alone: mask only the tile that crosses S (32 760 or 75 600 tokens are not multiples).
+        TAIL_ONLY=s % block_size != 0 and not has_key_mask and not has_groups,
         HAS_KEY_MASK=has_key_mask,
         HAS_GROUPS=has_groups,
         # fp32 inputs would silently run as TF32 on tensor cores (10-bit mantissa); "ieee" keeps them exact.

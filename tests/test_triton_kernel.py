@@ -386,3 +386,13 @@ def test_padded_head_dim_prunes_large_tiles():
     kept = bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 128, "HEAD_DIM_PAD": 256})
     assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
     assert len(bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 128, "HEAD_DIM_PAD": 128})) > len(kept)
+
+
+def test_strided_views_and_tail_only_masking():
+    """Transposed [B, S, H, D] views (what the dispatcher passes, no copies) and a partial last block masked alone."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 200, 2, 32, generator=gen).to(DEVICE).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    for plan in (random_plan(1, 2, 200, 64), random_plan(1, 2, 200, 128, density=1.0)):  # 200 = 3*64 + 8
+        assert_matches_reference(q, k, v, plan)
+        assert_matches_reference(q, k, v, plan, tiles=(32, 32))  # several tiles per block, only one crosses S
