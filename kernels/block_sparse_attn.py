@@ -36,7 +36,9 @@ is imported; ``tests/conftest.py`` does it): slowly, on CPU tensors, which is ho
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 
 import torch
 import triton
@@ -46,10 +48,27 @@ from triton.runtime.interpreter import InterpretedFunction
 from vidsparse.config import SUPPORTED_BLOCK_SIZES, check_choice
 from vidsparse.plan import num_blocks
 
-__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "block_sparse_attn", "is_interpreted"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "block_sparse_attn",
+    "check_plan_indices",
+    "is_interpreted",
+]
 
-#: Head dimensions the kernel is compiled for (tl.arange needs a power of two; 16/32 keep interpreter tests cheap).
+#: Head dimensions the kernel runs without padding (tl.arange needs a power of two, tl.dot at least 16).
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
+#: Largest head dimension; others (80, 96, 160, ...) are padded to the next power of two with masked loads, the way
+#: FlexAttention does: the padded columns load as 0, so they add nothing to q.k and are never stored.
+MAX_HEAD_DIM = 256
+
+
+def padded_head_dim(d: int) -> int:
+    """The power of two >= max(d, 16) the kernel computes with for head dimension ``d``."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
 #: Input dtypes; the output has the input's dtype, softmax statistics and accumulator are always float32.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -74,8 +93,10 @@ def _attend_key_tile(
     stride_vs,
     offs_n,
     offs_d,
+    d_ok,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    PAD_D: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -86,8 +107,13 @@ def _attend_key_tile(
     # K is loaded transposed (D x BLOCK_N) straight from memory, so q @ k needs no register shuffle.
     if MASK_KEYS:
         in_seq = cols < seq_len
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        k_ok = in_seq[None, :] & d_ok[:, None]  # d_ok is all True unless the head dim is padded
+        v_ok = in_seq[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=k_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=v_ok, other=0.0)
+    elif PAD_D:
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
     else:
         k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
@@ -166,10 +192,12 @@ def _block_sparse_attn_fwd(
     seq_len,
     qk_scale,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
     PLAN_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    TAIL_ONLY: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -185,7 +213,8 @@ def _block_sparse_attn_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM  # constant True (folded away) when HEAD_DIM is a power of two
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -193,7 +222,7 @@ def _block_sparse_attn_fwd(
     groups_base = Groups + off_b * stride_gb
 
     q_rows = offs_m < seq_len
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_rows[:, None], other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_rows[:, None] & d_ok[None, :], other=0.0)
     if HAS_GROUPS:
         q_groups = tl.load(groups_base + offs_m, mask=q_rows, other=0)
     else:
@@ -206,7 +235,7 @@ def _block_sparse_attn_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # 0, not the tutorial's 1: an empty row must be recognisable
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # MASK_KEYS is False when S is a multiple of the block and no padding mask is given: the loop body is then the
     # dense tutorial's, without any compare/select.
     for j in range(0, n_kv):
@@ -214,30 +243,90 @@ def _block_sparse_attn_fwd(
         # A plan block of 128 keys may be walked as two 64-key tiles (smaller tiles, fewer registers).
         for sub in tl.static_range(PLAN_BLOCK // BLOCK_N):
             start_n = kv_block * PLAN_BLOCK + sub * BLOCK_N
-            acc, l_i, m_i = _attend_key_tile(
-                acc,
-                l_i,
-                m_i,
-                q,
-                q_groups,
-                k_base,
-                v_base,
-                key_mask_base,
-                groups_base,
-                start_n,
-                seq_len,
-                qk_scale,
-                stride_ks,
-                stride_vs,
-                offs_n,
-                offs_d,
-                BLOCK_N,
-                MASK_KEYS,
-                HAS_KEY_MASK,
-                HAS_GROUPS,
-                DOT_PRECISION,
-                DOT_IN_FP32,
-            )
+            # Only the tile that crosses the end of the sequence needs the bounds mask (TAIL_ONLY: no padding mask
+            # or groups); every other tile runs the unmasked body.
+            if TAIL_ONLY:
+                if start_n + BLOCK_N > seq_len:
+                    acc, l_i, m_i = _attend_key_tile(
+                        acc,
+                        l_i,
+                        m_i,
+                        q,
+                        q_groups,
+                        k_base,
+                        v_base,
+                        key_mask_base,
+                        groups_base,
+                        start_n,
+                        seq_len,
+                        qk_scale,
+                        stride_ks,
+                        stride_vs,
+                        offs_n,
+                        offs_d,
+                        d_ok,
+                        BLOCK_N,
+                        True,
+                        HEAD_DIM != HEAD_DIM_PAD,
+                        HAS_KEY_MASK,
+                        HAS_GROUPS,
+                        DOT_PRECISION,
+                        DOT_IN_FP32,
+                    )
+                else:
+                    acc, l_i, m_i = _attend_key_tile(
+                        acc,
+                        l_i,
+                        m_i,
+                        q,
+                        q_groups,
+                        k_base,
+                        v_base,
+                        key_mask_base,
+                        groups_base,
+                        start_n,
+                        seq_len,
+                        qk_scale,
+                        stride_ks,
+                        stride_vs,
+                        offs_n,
+                        offs_d,
+                        d_ok,
+                        BLOCK_N,
+                        False,
+                        HEAD_DIM != HEAD_DIM_PAD,
+                        HAS_KEY_MASK,
+                        HAS_GROUPS,
+                        DOT_PRECISION,
+                        DOT_IN_FP32,
+                    )
+            else:
+                acc, l_i, m_i = _attend_key_tile(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    q_groups,
+                    k_base,
+                    v_base,
+                    key_mask_base,
+                    groups_base,
+                    start_n,
+                    seq_len,
+                    qk_scale,
+                    stride_ks,
+                    stride_vs,
+                    offs_n,
+                    offs_d,
+                    d_ok,
+                    BLOCK_N,
+                    MASK_KEYS,
+                    HEAD_DIM != HEAD_DIM_PAD,
+                    HAS_KEY_MASK,
+                    HAS_GROUPS,
+                    DOT_PRECISION,
+                    DOT_IN_FP32,
+                )
 
     # Epilogue. Empty rows (every key padded) have l_i == 0: output 0 and LSE -inf, as the reference defines them.
     empty = l_i == 0.0
@@ -246,7 +335,8 @@ def _block_sparse_attn_fwd(
     # m_i is in log2 units of the scaled scores, so the natural-log LSE is (m + log2 l) * ln 2.
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_base = Out + off_b * stride_ob + off_h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_rows[:, None])
+    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_rows[:, None] & d_ok[None, :])
     tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=q_rows)
 
 
@@ -254,6 +344,17 @@ def _block_sparse_attn_fwd(
 def is_interpreted() -> bool:
     """True when Triton runs this module's kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
     return isinstance(_block_sparse_attn_fwd, InterpretedFunction)
+
+
+# Triton decorates its own helpers (tl.zeros, tl.sum, tl.max: jit functions since Triton 3.x) when triton is first
+# imported, and this module's kernels when it is imported. TRITON_INTERPRET set in between gives interpreted kernels
+# calling compiled helpers, which fails only at the first launch ("Cannot call @triton.jit'd outside of the scope of
+# a kernel"): refuse here instead, with the fix.
+if is_interpreted() != isinstance(tl.sum, InterpretedFunction):
+    raise ImportError(
+        "vidsparse.kernels.block_sparse_attn: TRITON_INTERPRET changed after triton was imported (triton's own "
+        "helpers and this kernel disagree on interpretation); set TRITON_INTERPRET=1 before Python imports triton."
+    )
 
 
 def _cuda_configs() -> list[triton.Config]:
@@ -271,19 +372,34 @@ def _cuda_configs() -> list[triton.Config]:
         (128, 128, 8, 3),
         (128, 128, 8, 2),
         (64, 128, 4, 3),
+        # fp32 at head dim 128 (and padded dims up to 256): the tiles above may all exceed shared memory or registers
+        # with 4-byte elements; these small ones fit, so autotuning always has a candidate.
+        (32, 64, 4, 2),
+        (32, 32, 4, 2),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the tiles that divide the plan block: a query tile must not straddle two plan rows."""
+    """Keep the tiles that divide the plan block: a query tile must not straddle two plan rows.
+
+    Above a head dim of 128 (padded 256) only tiles of at most 64 x 64: the q tile and accumulator live in registers.
+    """
     plan_block = kwargs.get("PLAN_BLOCK", named_args.get("PLAN_BLOCK"))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= plan_block and c.kwargs["BLOCK_N"] <= plan_block]
+    head_dim = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 128))
+    max_tile = 64 * 64 if head_dim > 128 else plan_block * plan_block
+    return [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= plan_block
+        and c.kwargs["BLOCK_N"] <= plan_block
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
+    ]
 
 
 _autotuned_fwd = triton.autotune(
     configs=_cuda_configs(),
-    key=["seq_len", "HEAD_DIM", "PLAN_BLOCK", "MASK_KEYS", "HAS_KEY_MASK", "HAS_GROUPS"],
+    key=["seq_len", "HEAD_DIM", "HEAD_DIM_PAD", "PLAN_BLOCK", "MASK_KEYS", "TAIL_ONLY", "HAS_KEY_MASK", "HAS_GROUPS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_block_sparse_attn_fwd)
 
@@ -312,7 +428,8 @@ def _check_inputs(
             f"{', '.join(map(str, SUPPORTED_DTYPES))}."
         )
     b, h, s, d = q.shape
-    check_choice("head_dim", d, SUPPORTED_HEAD_DIMS)
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={d} is invalid: expected 1 <= head_dim <= {MAX_HEAD_DIM}.")
     if not (k.device == q.device == v.device == kv_num.device == kv_idx.device):
         raise ValueError(
             f"q, k, v, kv_num, kv_idx must share a device; got {q.device}, {k.device}, {v.device}, "
@@ -360,6 +477,46 @@ def _check_inputs(
             )
 
 
+#: Plans already checked: id(kv_idx) -> (id(kv_num), versions of both). In-place edits bump a tensor's version, so
+#: an edited plan is checked again; entries go when kv_idx is freed.
+_checked_plans: dict[int, tuple[int, int, int]] = {}
+
+
+def check_plan_indices(kv_num: torch.Tensor, kv_idx: torch.Tensor, kv_blocks: int) -> None:
+    """Raise ``ValueError`` unless ``0 <= kv_num <= Kmax`` and every used ``kv_idx`` entry is in ``[0, kv_blocks)``.
+
+    The kernel trusts the plan: a count past Kmax reads the next row's indices, an index out of range reads another
+    head's keys (or faults). One pass over the index tensors (one host sync), once per plan: repeated calls with the
+    same, unmodified tensors cost a dict lookup.
+
+    Args:
+        kv_num: int32 ``[B, H, Qb]``.
+        kv_idx: int32 ``[B, H, Qb, Kmax]``; entries past ``kv_num`` in a row are padding and not checked.
+        kv_blocks: Kb, the number of key blocks of the sequence.
+    """
+    key = (id(kv_num), kv_num._version, kv_idx._version)
+    if _checked_plans.get(id(kv_idx)) == key:
+        return
+    kmax = kv_idx.shape[-1]
+    used = torch.arange(kmax, device=kv_idx.device) < kv_num.unsqueeze(-1)
+    bad_idx = used & ((kv_idx < 0) | (kv_idx >= kv_blocks))
+    stats = torch.stack([kv_num.min(), kv_num.max(), bad_idx.sum()]).tolist() if kv_num.numel() else [0, 0, 0]
+    lo, hi, n_bad = stats
+    if lo < 0 or hi > kmax:
+        raise ValueError(
+            f"plan kv_num has values in [{lo}, {hi}]: expected 0 <= kv_num <= Kmax = {kmax} (kv_idx.shape[-1])."
+        )
+    if n_bad:
+        first = tuple(bad_idx.nonzero()[0].tolist())
+        raise ValueError(
+            f"plan kv_idx has {n_bad} used entries outside [0, Kb = {kv_blocks}): e.g. kv_idx{list(first)} = "
+            f"{kv_idx[first].item()} (the first kv_num entries of each row are read)."
+        )
+    if id(kv_idx) not in _checked_plans:
+        weakref.finalize(kv_idx, _checked_plans.pop, id(kv_idx), None)
+    _checked_plans[id(kv_idx)] = key
+
+
 def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -402,8 +559,11 @@ def _launch(
     stride_gb = groups.stride(0) if has_groups and groups.shape[0] == b else 0
     common = dict(
         HEAD_DIM=d,
+        HEAD_DIM_PAD=padded_head_dim(d),
         PLAN_BLOCK=block_size,
         MASK_KEYS=s % block_size != 0 or has_key_mask or has_groups,
+        # A partial last block alone: mask only the tile that crosses S (32 760 or 75 600 tokens are not multiples).
+        TAIL_ONLY=s % block_size != 0 and not has_key_mask and not has_groups,
         HAS_KEY_MASK=has_key_mask,
         HAS_GROUPS=has_groups,
         # fp32 inputs would silently run as TF32 on tensor cores (10-bit mantissa); "ieee" keeps them exact.
@@ -413,18 +573,28 @@ def _launch(
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
     plan_strides = (*kv_num.stride(), *kv_idx.stride(), stride_mb, stride_gb)
     args = (q, k, v, out, lse, kv_num, kv_idx, key_mask, groups, *strides, *plan_strides, h, s, scale * _LOG2E)
-    if tiles is None and not is_interpreted():
+    if tiles is not None:
+        block_m, block_n = tiles
+        if block_size % block_m or block_size % block_n or min(block_m, block_n) < 16:
+            raise ValueError(f"tiles={tiles!r} is invalid: both must be >= 16 and divide block_size={block_size}.")
+    # Triton launches on the *current* CUDA device; a model placed on cuda:1 (diffusers device_map) would otherwise
+    # run on cuda:0 with cuda:1 pointers (an illegal address).
+    with _device_guard(q.device):
+        if tiles is None and not is_interpreted():
 
-        def grid(meta: dict) -> tuple[int, int]:
-            return (triton.cdiv(s, meta["BLOCK_M"]), b * h)
+            def grid(meta: dict) -> tuple[int, int]:
+                return (triton.cdiv(s, meta["BLOCK_M"]), b * h)
 
-        _autotuned_fwd[grid](*args, **common)
-        return out, lse
-    block_m, block_n = tiles if tiles is not None else (block_size, block_size)
-    if block_size % block_m or block_size % block_n or min(block_m, block_n) < 16:
-        raise ValueError(f"tiles={tiles!r} is invalid: both must be >= 16 and divide block_size={block_size}.")
-    _block_sparse_attn_fwd[(triton.cdiv(s, block_m), b * h)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+            _autotuned_fwd[grid](*args, **common)
+            return out, lse
+        block_m, block_n = tiles if tiles is not None else (block_size, block_size)
+        _block_sparse_attn_fwd[(triton.cdiv(s, block_m), b * h)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **common)
     return out, lse
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA tensor's device (launches go there), else a no-op context."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------- the custom op
@@ -441,6 +611,8 @@ def _block_sparse_attn_op(
     causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.vidsparse.block_sparse_attn``: the kernel as an opaque op (a graph break-free unit for compile)."""
+    # Inside the op, so the check's host sync is invisible to torch.compile (no graph break).
+    check_plan_indices(kv_num, kv_idx, num_blocks(q.shape[2], block_size))
     return _launch(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups)
 
 
@@ -466,7 +638,8 @@ def block_sparse_attn(
     """Block-sparse attention forward with the Triton kernel.
 
     Args:
-        q, k, v: ``[B, H, S, D]`` in plan order, one dtype of float16/bfloat16/float32, D in 16/32/64/128; CUDA
+        q, k, v: ``[B, H, S, D]`` in plan order, one dtype of float16/bfloat16/float32, D <= 256 (powers of two
+            from 16 run unpadded, others padded to the next one); CUDA
             tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
         kv_num: int32 ``[B or 1, H or 1, Qb]``, ``Qb = ceil(S / block_size)``: key blocks per query block.
         kv_idx: int32 ``[B or 1, H or 1, Qb, Kmax]``: the key blocks, first ``kv_num`` entries of a row read.

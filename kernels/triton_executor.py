@@ -45,9 +45,9 @@ def triton_block_sparse_attention(
     from .block_sparse_attn import block_sparse_attn
 
     out, lse = block_sparse_attn(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
+        q,  # strided views: the kernel reads strides (only the last dim must be dense), no copies
+        k,
+        v,
         plan.kv_num,
         plan.kv_idx,
         block_size=plan.block_size,

@@ -4,6 +4,7 @@ On CPU the kernel runs under Triton's interpreter (tests/conftest.py sets TRITON
 on a CUDA machine the same tests run compiled, plus the larger ``cuda_only`` cases at the end.
 """
 
+import contextlib
 import math
 import os
 import subprocess
@@ -208,7 +209,7 @@ def test_opcheck_fake_and_schema():
     ("change", "message"),
     [
         (dict(dtype=torch.float64), "dtypes"),
-        (dict(d=24), "head_dim=24"),
+        (dict(d=300), "head_dim=300"),
         (dict(block=32), "block_size=32"),
         (dict(plan_s=70), "plan shape"),
         (dict(scale=-1.0), "scale=-1.0"),
@@ -271,3 +272,127 @@ def test_cuda_fp32_is_not_tf32():
     """fp32 inputs must not be rounded to TF32 by the tensor cores (atol 1e-4 would fail at D=128)."""
     plan = random_plan(2, 2, 1000, 64, seed=11)
     assert_matches_reference(*qkv(2, 2, 1000, 128), plan)
+
+
+def test_launch_runs_under_the_tensors_device(monkeypatch):
+    """The kernel is launched inside the device guard of q's device (a model on cuda:1 must not launch on cuda:0)."""
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    events = []
+
+    class Guard:
+        def __init__(self, device):
+            events.append(("guard", device))
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    real = bsa._block_sparse_attn_fwd
+
+    class Kernel:  # records that the launch happens between enter and exit
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                events.append("launch")
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(bsa, "_device_guard", Guard)
+    monkeypatch.setattr(bsa, "_block_sparse_attn_fwd", Kernel())
+    q, k, v = qkv(1, 1, 64, 16)
+    plan = random_plan(1, 1, 64, 64, density=1.0)
+    _launch(q, k, v, plan.kv_num, plan.kv_idx, 64, 0.25, None, tiles=(64, 64))
+    assert events == [("guard", q.device), "enter", "launch", "exit"]
+
+
+def test_device_guard_selects_cuda_devices(monkeypatch):
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: seen.append(device) or contextlib.nullcontext())
+    with bsa._device_guard(torch.device("cuda", 1)):
+        pass
+    assert seen == [torch.device("cuda", 1)]
+    with bsa._device_guard(torch.device("cpu")):  # no CUDA call for CPU (interpreted) tensors
+        pass
+    assert seen == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda n, i: n.view(-1)[1].fill_(i.shape[-1] + 1), "kv_num has values"),
+        (lambda n, i: n.view(-1)[0].fill_(-1), "kv_num has values"),
+        (lambda n, i: i[0, 0, 1, 0].fill_(3), r"outside \[0, Kb = 3\)"),
+        (lambda n, i: i[0, 0, 2, 0].fill_(-2), r"kv_idx\[0, 0, 2, 0\] = -2"),
+    ],
+)
+def test_malformed_plan_raises_clearly(edit, message):
+    q, k, v = qkv(1, 1, 150, 16)
+    plan = random_plan(1, 1, 150, 64, density=0.5)
+    kv_num, kv_idx = plan.kv_num.clone(), plan.kv_idx.clone()
+    edit(kv_num, kv_idx)
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attn(q, k, v, kv_num, kv_idx, block_size=64)
+
+
+def test_plan_check_runs_once_per_plan_and_again_after_an_edit(monkeypatch):
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    plan = random_plan(1, 2, 150, 64)
+    kv_num, kv_idx = plan.kv_num.clone(), plan.kv_idx.clone()
+    calls = []
+    real_arange = torch.arange
+    monkeypatch.setattr(bsa.torch, "arange", lambda *a, **kw: calls.append(1) or real_arange(*a, **kw))
+    bsa.check_plan_indices(kv_num, kv_idx, 3)
+    bsa.check_plan_indices(kv_num, kv_idx, 3)
+    assert len(calls) == 1  # the second call is a cache hit
+    padding = kv_idx.shape[-1] - 1
+    if kv_num[0, 0, 0] <= padding:  # unused entries are not checked...
+        kv_idx[0, 0, 0, padding] = 99
+        bsa.check_plan_indices(kv_num, kv_idx, 3)
+    kv_idx[0, 0, 0, 0] = 99  # ...but an in-place edit of a used one is seen
+    with pytest.raises(ValueError, match="kv_idx"):
+        bsa.check_plan_indices(kv_num, kv_idx, 3)
+
+
+def test_small_tiles_for_fp32_head_dim_128():
+    """fp32 at D=128 needs a small tile among the autotune configs; the kernel is exact with it."""
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    configs = bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 64})
+    assert (32, 64) in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs}
+    q, k, v = qkv(1, 1, 100, 128)
+    assert_matches_reference(q, k, v, random_plan(1, 1, 100, 64), tiles=(32, 64))
+
+
+@pytest.mark.parametrize(("d", "s", "tiles"), [(80, 100, None), (96, 64, (32, 64)), (160, 70, None), (24, 40, None)])
+def test_head_dims_padded_to_a_power_of_two(d, s, tiles):
+    """Head dims outside 16/32/64/128 run padded to the next power of two, with the reference's results."""
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    assert bsa.padded_head_dim(d) == {80: 128, 96: 128, 160: 256, 24: 32}[d]
+    q, k, v = qkv(1, 2, s, d)
+    out, _ = assert_matches_reference(q, k, v, random_plan(1, 2, s, 64), tiles=tiles)
+    assert out.shape[-1] == d
+
+
+def test_padded_head_dim_prunes_large_tiles():
+    import vidsparse.kernels.block_sparse_attn as bsa
+
+    kept = bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 128, "HEAD_DIM_PAD": 256})
+    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
+    assert len(bsa._prune_configs(bsa._cuda_configs(), {"PLAN_BLOCK": 128, "HEAD_DIM_PAD": 128})) > len(kept)
+
+
+def test_strided_views_and_tail_only_masking():
+    """Transposed [B, S, H, D] views (what the dispatcher passes, no copies) and a partial last block masked alone."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 200, 2, 32, generator=gen).to(DEVICE).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    for plan in (random_plan(1, 2, 200, 64), random_plan(1, 2, 200, 128, density=1.0)):  # 200 = 3*64 + 8
+        assert_matches_reference(q, k, v, plan)
+        assert_matches_reference(q, k, v, plan, tiles=(32, 32))  # several tiles per block, only one crosses S
