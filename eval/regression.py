@@ -42,7 +42,8 @@ def config_at_density(method: str, density: float) -> SparseConfig:
     name, _, options = method.partition(":")
     settings = {"density": density, **get_method(name).density_options}
     defaults = ",".join(f"{key}={value}" for key, value in settings.items())
-    return parse_method_spec(f"{name}:{defaults},{options}")  # later options override earlier ones
+    spec = f"{name}:{defaults},{options}" if options else f"{name}:{defaults}"
+    return parse_method_spec(spec)  # the spec's own options come last and override the defaults
 
 
 def render(pipe, *, seed: int = 0, prompt: str = PROMPT, **geometry: Any) -> np.ndarray:

@@ -61,6 +61,9 @@ ALLOWED_EDGES = {
     ("vidsparse.pipelines.train_tiny", "vidsparse.eval.procedural"),
     ("vidsparse.pipelines.finetune", "vidsparse.eval.procedural"),
     ("vidsparse.pipelines.finetune", "vidsparse.eval.video_io"),
+    # The GPU benchmark is a script that sits in kernels/ so that gpu_check.sh runs it without diffusers: it times
+    # each method's plan, so it asks the methods for their density options (the kernels themselves never do).
+    ("vidsparse.kernels.bench_gpu", "vidsparse.methods"),
 }
 
 
