@@ -157,7 +157,7 @@ def _bench_layout(
     backward: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`bench_attention` for one geometry (inputs already built)."""
-    backend_name = resolve_backend(backend, device, q.dtype)
+    backend_name = resolve_backend(backend, device, q.dtype, needs_grad=backward)
     rows = []
     dense = with_backward(dense_sdpa, q, k, v) if backward else lambda: dense_sdpa(q, k, v)
     dense()  # warm-up

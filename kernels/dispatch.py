@@ -13,7 +13,8 @@ order of preference):
   FlexAttention there).
 - ``flex``: compiled FlexAttention over the plan's BlockMask: portable to CPU and GPU.
 - ``reference``: dense SDPA with the plan's boolean mask: the specification, O(S²), for tests.
-- ``auto``: the first of these that fits the device and dtype and is available here (:func:`resolve_backend`).
+- ``auto``: the first of these that fits the device and dtype and is available here, and that has a backward when
+  gradients are needed (:func:`resolve_backend`).
 
 Executors registered with ``plan_order`` (all but ``reference``) work in *plan order*: the permutation is applied
 here, once, for all of them.
@@ -44,28 +45,43 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype | None = None, *, needs_grad: bool = False
+) -> str:
     """Turn ``"auto"`` into a concrete executor for ``device`` (and ``dtype``, when known); check an explicit choice.
 
     ``auto`` is the first registered executor (:func:`~vidsparse.kernels.registry.executors`, in order) that is
     made for the device type and computes the dtype, and that is available here: triton on CUDA; on CPU cpp for
-    float32 (or an unknown dtype), gather for other dtypes; flex elsewhere. Skipping an executor that would fit but
-    is unavailable (no compiler for cpp, no Triton on CUDA) warns once. The first ``auto`` call on CPU may compile
-    the cpp kernel (about 30 s, once per :func:`~vidsparse.kernels.cpp.build_key`).
+    float32 (or an unknown dtype), gather for other dtypes; flex elsewhere. With ``needs_grad`` only executors whose
+    backward runs on the device count (:meth:`~vidsparse.kernels.registry.Executor.backward_on`), so a training
+    step never lands on a forward-only one. Skipping an executor that would fit but is unavailable (no compiler for
+    cpp, no Triton on CUDA) warns once. The first ``auto`` call on CPU may compile the cpp kernel (about 30 s, once
+    per :func:`~vidsparse.kernels.cpp.build_key`).
 
     Raises:
-        ValueError: ``backend`` is not a registered name or ``"auto"``.
+        ValueError: ``backend`` is not a registered name or ``"auto"``; or ``needs_grad`` and the named executor
+            has no backward on ``device`` (the message names those that do).
     """
     if backend == AUTO:
-        return _auto(device, dtype).name
-    return get_executor(backend).name  # an explicit executor that cannot run here raises its own reason when run
+        return _auto(device, dtype, needs_grad).name
+    spec = get_executor(backend)  # an explicit executor that cannot run here raises its own reason when run
+    if needs_grad and not spec.backward_on(device.type):
+        with_backward = [e.name for e in executors() if e.runs_on(device.type) and e.backward_on(device.type)]
+        raise ValueError(
+            f"backend={backend!r} has no backward on {device.type}, and gradients are needed here (inputs that "
+            f"require grad, grad mode on); use backend='auto' or one of {', '.join(map(repr, with_backward))}, or "
+            "run under torch.no_grad()."
+        )
+    return spec.name
 
 
-def _auto(device: torch.device, dtype: torch.dtype | None) -> Executor:
+def _auto(device: torch.device, dtype: torch.dtype | None, needs_grad: bool = False) -> Executor:
     """The executor ``auto`` picks (see :func:`resolve_backend`)."""
     skipped = []
     for spec in executors():
         if not (spec.runs_on(device.type) and spec.computes(dtype)):
+            continue
+        if needs_grad and not spec.backward_on(device.type):
             continue
         if spec.available():
             for name, reason in skipped:
@@ -73,7 +89,8 @@ def _auto(device: torch.device, dtype: torch.dtype | None) -> Executor:
             return spec
         skipped.append((spec.name, spec.unavailable or f"the {spec.name} executor is not available here"))
     raise RuntimeError(
-        f"backend='auto' found no executor for device={device.type}, dtype={dtype}; registered: "
+        f"backend='auto' found no executor for device={device.type}, dtype={dtype}"
+        f"{' with a backward' if needs_grad else ''}; registered: "
         f"{', '.join(backend_names()[1:])}."
     )
 
@@ -127,7 +144,8 @@ def block_sparse_attention(
         if causal_groups.dtype.is_floating_point or causal_groups.dtype == torch.bool:
             raise ValueError(f"causal_groups must hold integers; got {causal_groups.dtype}.")
         causal_groups = causal_groups.to(device=q.device, dtype=torch.int32)
-    spec = get_executor(resolve_backend(backend, q.device, q.dtype))
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    spec = get_executor(resolve_backend(backend, q.device, q.dtype, needs_grad=needs_grad))
     plan = plan.to(q.device)
     if causal_groups is not None:
         groups_in_plan_order = causal_groups if plan.perm is None else causal_groups.index_select(1, plan.perm)

@@ -123,11 +123,8 @@ def flex_block_sparse_attention(
         block_mask = _masked_block_mask(plan, q.shape[0], key_padding_mask, causal_groups)
     flex = compiled_flex_attention()
     on_cpu = q.device.type == "cpu"
-    if on_cpu and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError(
-            "backend='flex' on CPU is inference-only (torch compiles FlexAttention without backward on CPU); "
-            "run under torch.no_grad() or use backend='reference'."
-        )
+    # Gradients on CPU never get here: the registry entry says the backward runs on CUDA only, and the dispatcher
+    # refuses (torch compiles FlexAttention without a backward on CPU).
     if return_lse and not on_cpu:
         with _compile_guard():
             out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))

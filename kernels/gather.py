@@ -282,24 +282,50 @@ def _blocked(x: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, return_lse: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    return_lse: bool,
+    *,
+    differentiable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """SDPA on ``[R, 1, L, D]`` tensors with an optional bool ``mask [R, 1, Lq, Lk]``; LSE ``[R, 1, Lq]`` on request."""
+    """SDPA on ``[R, 1, L, D]`` tensors with an optional bool ``mask [R, 1, Lq, Lk]``; LSE ``[R, 1, Lq]`` on request.
+
+    ``differentiable``: gradients must flow into the LSE too (SDPA's flash kernels return it without one), and
+    queries that see no key must get zero gradients (SDPA's masked softmax gives NaN there): explicit softmax.
+    """
+    if differentiable and (return_lse or mask is not None):
+        return _explicit_attention(q, k, v, mask, scale)
     if not return_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not differentiable:
         # The CPU flash kernel behind SDPA returns the LSE; it takes an additive mask of q's dtype.
         additive = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, -math.inf)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive, scale=scale)
     else:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, -math.inf)
-        lse = torch.logsumexp(scores, dim=-1)
-        out = torch.matmul(torch.nan_to_num(torch.exp(scores - lse[..., None])), v.float()).to(q.dtype)
+        return _explicit_attention(q, k, v, mask, scale)
     lse = lse.float()
     if mask is not None:  # a query that sees no key at all: LSE -inf, as the reference gives
         lse = lse.masked_fill(~mask.any(-1), -math.inf)
+    return out, lse
+
+
+def _explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention written out in float32: ``(out [R, 1, Lq, D] in q's dtype, lse float32 [R, 1, Lq])``.
+
+    Differentiable in every output; a query that sees no key gets zeros, LSE ``-inf`` and zero gradients (its LSE
+    is replaced by 0 before the exponent, so no ``-inf - -inf`` NaN reaches autograd).
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    out = torch.matmul(torch.exp(scores - finite_lse[..., None]), v.float()).to(q.dtype)
     return out, lse
 
 
@@ -351,7 +377,11 @@ def gather_block_sparse_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qb, bs = plan.num_q_blocks, plan.block_size
     q_blocks, k_blocks, v_blocks = (_blocked(x, qb, bs) for x in (q, k, v))
-    split = q.device.type == "cpu" if split is None else split
+    # Gradients flow through plain autograd ops (index_select, SDPA, index_copy). Two fast-path tricks would break
+    # them: gathering into reused buffers (``out=`` has no autograd) and the split windows, which merge partial
+    # results by their LSE while SDPA's LSE output has no gradient. So with gradients: fresh gathers, no split.
+    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    split = (q.device.type == "cpu" if split is None else split) and not differentiable
     schedule = gather_schedule(plan, b, h, split=split)
     need_lse = return_lse or any(bucket.merge for bucket in schedule)
     # Zeros and LSE -inf: what a query block that keeps no key block gets (as the reference gives).
@@ -370,8 +400,8 @@ def gather_block_sparse_attention(
     # One pair of gather buffers reused by every chunk: fresh multi-MiB allocations page-fault on every call, and a
     # buffer that stays the same size stays in cache.
     buf_blocks = max(_groups_per_chunk(bucket, bs, chunk_tokens) * bucket.kv_blocks.shape[1] for bucket in schedule)
-    k_buf = k_blocks.new_empty(buf_blocks, bs, d)
-    v_buf = v_blocks.new_empty(buf_blocks, bs, d)
+    k_buf = None if differentiable else k_blocks.new_empty(buf_blocks, bs, d)
+    v_buf = None if differentiable else v_blocks.new_empty(buf_blocks, bs, d)
     for bucket in schedule:
         m, n = bucket.q_blocks.shape[1], bucket.kv_blocks.shape[1]
         step = _groups_per_chunk(bucket, bs, chunk_tokens)
@@ -380,8 +410,11 @@ def gather_block_sparse_attention(
             flat_kv = bucket.kv_blocks[start : start + step].reshape(-1)
             r = rows.numel() // m
             qg = q_blocks.index_select(0, rows).view(r, 1, m * bs, d)
-            kg = torch.index_select(k_blocks, 0, flat_kv, out=k_buf[: r * n])
-            vg = torch.index_select(v_blocks, 0, flat_kv, out=v_buf[: r * n])
+            if differentiable:
+                kg, vg = k_blocks.index_select(0, flat_kv), v_blocks.index_select(0, flat_kv)
+            else:
+                kg = torch.index_select(k_blocks, 0, flat_kv, out=k_buf[: r * n])
+                vg = torch.index_select(v_blocks, 0, flat_kv, out=v_buf[: r * n])
             kg = kg.view(r, 1, n * bs, d)[:, :, : bucket.keys]
             vg = vg.view(r, 1, n * bs, d)[:, :, : bucket.keys]
             mask = None
@@ -394,7 +427,7 @@ def gather_block_sparse_attention(
                 mask = visible if mask is None else mask & visible
             if mask is not None:
                 mask = mask.expand(r, 1, m * bs, bucket.keys)
-            out_rows, lse_rows = _attend(qg, kg, vg, mask, scale, need_lse)
+            out_rows, lse_rows = _attend(qg, kg, vg, mask, scale, need_lse, differentiable=differentiable)
             out_rows = out_rows.view(r * m, bs, d)
             if lse_rows is not None:
                 lse_rows = lse_rows.reshape(r * m, bs)
@@ -417,5 +450,5 @@ EXECUTOR = Executor(
     run=gather_block_sparse_attention,
     summary="batched SDPA over the gathered key/value blocks: any dtype, no compiler; the CPU fallback",
     devices=("cpu",),
-    has_backward=False,
+    has_backward=True,
 )

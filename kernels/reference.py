@@ -45,8 +45,9 @@ def reference_attention(
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (only possible with key padding) give 0
+    # A query that sees no key (an empty plan row, or all its keys padded) gets zeros and zero gradients: its LSE is
+    # -inf, replaced by 0 here so that exp(-inf - 0) = 0 instead of exp(-inf - -inf) = NaN reaching autograd.
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     out = torch.matmul(probs, v.to(compute)).to(q.dtype)
     return out, (lse if return_lse else None)
 

@@ -23,7 +23,41 @@ def random_plan(
     qb = num_blocks(seq_len, block_size)
     mask = random_block_mask(b, h, qb, density, gen)
     p = torch.randperm(seq_len, generator=gen) if perm else None
-    return BlockPlan.from_block_mask(mask, block_size=block_size, seq_len=seq_len, perm=p)
+    return BlockPlan.from_block_mask(mask, block_size=block_size, seq_len=seq_len, perm=p).validate()
+
+
+#: Gradient tolerances against the reference's float32 autograd: sums over a few hundred keys round differently.
+GRAD_TOL = {
+    torch.float32: {"atol": 2e-4, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+}
+
+
+def grads(backend: str, q, k, v, plan: BlockPlan, dout, dlse=None, **masks):
+    """``(out, lse, dq, dk, dv)`` of ``block_sparse_attention`` under ``backend`` for the output gradient ``dout``
+    (``[B, S, H, D]``) and, optionally, the LSE gradient ``dlse`` (``[B, H, S]``)."""
+    from vidsparse.kernels.dispatch import block_sparse_attention
+
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out, lse = block_sparse_attention(q, k, v, plan, backend=backend, return_lse=True, **masks)
+    loss = (out.float() * dout).sum()
+    if dlse is not None:
+        # Only rows that see a key: the LSE of an empty row is -inf (its own gradient would be NaN).
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum()
+    loss.backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def assert_same_grads(backend: str, q, k, v, plan: BlockPlan, *, seed: int, with_lse: bool = False, **masks) -> None:
+    """``backend``'s output, LSE and dQ/dK/dV equal the reference's autograd (in float32, from the same inputs)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(q.shape, generator=gen)
+    dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen) if with_lse else None
+    ref = grads("reference", *(x.float() for x in (q, k, v)), plan, dout, dlse, **masks)
+    got = grads(backend, q, k, v, plan, dout, dlse, **masks)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert a.dtype == (torch.float32 if name == "lse" else q.dtype), (name, a.dtype)
+        torch.testing.assert_close(a.float(), b, **GRAD_TOL[q.dtype], msg=lambda m, n=name: f"{backend} {n}: {m}")
 
 
 def qkv(b: int, s: int, h: int, d: int, *, seed: int = 0, dtype=torch.float32):

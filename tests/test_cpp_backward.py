@@ -1,83 +1,18 @@
-"""The ``cpp`` executor's backward: dQ/dK/dV against the reference's autograd; determinism, compile, opcheck."""
+"""The ``cpp`` executor's own backward checks (both kernel paths, determinism, compile, opcheck); the gradient matrix
+of every executor against the reference is tests/test_gradients.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import has_cxx_compiler, qkv, random_block_mask
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from helpers import assert_same_grads, grads, has_cxx_compiler, qkv, random_plan
 
 from vidsparse.kernels.cpp import HAS_BACKWARD, cpp_block_sparse_attention
-from vidsparse.kernels.dispatch import block_sparse_attention
-from vidsparse.plan import BlockPlan, num_blocks
 
 pytestmark = pytest.mark.skipif(not has_cxx_compiler(), reason="no C++ compiler: the cpp kernel cannot be built")
 
-# float32 gradients of sums over up to a few hundred keys: the reference and the kernel round differently.
-TOL = {"atol": 2e-4, "rtol": 2e-3}
-
-
-def make_plan(s: int, block: int, *, b: int, h: int, density: float, seed: int, perm: bool) -> BlockPlan:
-    """A random valid plan with (b, h) possibly 1 (broadcast) and an optional token permutation."""
-    gen = torch.Generator().manual_seed(seed)
-    mask = random_block_mask(b, h, num_blocks(s, block), density, gen)
-    order = torch.randperm(s, generator=gen) if perm else None
-    return BlockPlan.from_block_mask(mask, block_size=block, seq_len=s, perm=order).validate()
-
-
-def grads(backend: str, q, k, v, plan, dout, dlse=None, **masks):
-    """(out, lse, dq, dk, dv) of ``block_sparse_attention`` under ``backend`` for the output gradient ``dout``."""
-    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    out, lse = block_sparse_attention(q, k, v, plan, backend=backend, return_lse=True, **masks)
-    loss = (out * dout).sum()
-    if dlse is not None:
-        # Only rows that see a key: the reference's LSE of an empty row is -inf (its gradient would be NaN).
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum()
-    loss.backward()
-    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
-
-
-def assert_same_grads(q, k, v, plan, *, seed: int, with_lse: bool = False, **masks) -> None:
-    gen = torch.Generator().manual_seed(seed + 1)
-    dout = torch.randn(q.shape, generator=gen)
-    dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen) if with_lse else None
-    ref = grads("reference", q, k, v, plan, dout, dlse, **masks)
-    got = grads("cpp", q, k, v, plan, dout, dlse, **masks)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m, n=name: f"{n}: {m}")
-
-
 def test_marked_as_having_a_backward():
     assert HAS_BACKWARD is True
-
-
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    s=st.sampled_from([64, 65, 130, 191, 257]),  # tails of 1, 2, 63 and 1 token; one full block
-    block=st.sampled_from([64, 128]),
-    plan_b=st.sampled_from([1, 2]),
-    plan_h=st.sampled_from([1, 3]),
-    density=st.floats(0.05, 1.0),
-    perm=st.booleans(),
-    padding=st.booleans(),
-    groups=st.booleans(),
-    with_lse=st.booleans(),
-    seed=st.integers(0, 1000),
-)
-def test_gradients_match_reference(s, block, plan_b, plan_h, density, perm, padding, groups, with_lse, seed):
-    b, h, d = 2, 3, 16
-    q, k, v = qkv(b, s, h, d, seed=seed)
-    plan = make_plan(s, block, b=plan_b, h=plan_h, density=density, seed=seed, perm=perm)
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    if padding:  # batch 1 pads every key: its rows are empty (zeros, no gradient); batch 0 pads a random fifth
-        keep = torch.rand(b, s, generator=gen) > 0.2
-        keep[1] = False
-        masks["key_padding_mask"] = keep
-    if groups:
-        masks["causal_groups"] = torch.randint(0, 4, (1, s), generator=gen)
-    assert_same_grads(q, k, v, plan, seed=seed, with_lse=with_lse, **masks)
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -85,13 +20,13 @@ def test_both_kernel_paths_match_reference(threads):
     """One (batch, head) pair: with 1 thread the kernel's one-pass-per-head path, with 4 its two-pass path."""
     s = 257
     q, k, v = qkv(1, s, 1, 16, seed=11)
-    plan = make_plan(s, 64, b=1, h=1, density=0.5, seed=11, perm=True)
+    plan = random_plan(s, 64, b=1, h=1, density=0.5, seed=11, perm=True)
     keep = torch.rand(1, s, generator=torch.Generator().manual_seed(11)) > 0.2
     groups = torch.randint(0, 3, (1, s), generator=torch.Generator().manual_seed(12))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert_same_grads(q, k, v, plan, seed=11, with_lse=True, key_padding_mask=keep, causal_groups=groups)
+        assert_same_grads("cpp", q, k, v, plan, seed=11, with_lse=True, key_padding_mask=keep, causal_groups=groups)
     finally:
         torch.set_num_threads(before)
 
@@ -100,7 +35,7 @@ def test_empty_rows_get_zero_gradient():
     """Queries of a batch whose keys are all padded see nothing: zero output, zero dq, and their k/v get none."""
     s = 130
     q, k, v = qkv(2, s, 2, 8, seed=3)
-    plan = make_plan(s, 64, b=1, h=1, density=0.5, seed=3, perm=False)
+    plan = random_plan(s, 64, b=1, h=1, density=0.5, seed=3, perm=False)
     keep = torch.ones(2, s, dtype=torch.bool)
     keep[1] = False
     out, lse, dq, dk, dv = grads("cpp", q, k, v, plan, torch.randn(q.shape), key_padding_mask=keep)
@@ -112,7 +47,7 @@ def test_empty_rows_get_zero_gradient():
 def test_backward_is_deterministic():
     s = 700
     q, k, v = qkv(2, s, 2, 32, seed=5)
-    plan = make_plan(s, 64, b=1, h=2, density=0.4, seed=5, perm=True)
+    plan = random_plan(s, 64, b=1, h=2, density=0.4, seed=5, perm=True)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
     first = grads("cpp", q, k, v, plan, dout)
     second = grads("cpp", q, k, v, plan, dout)
@@ -123,7 +58,7 @@ def test_backward_is_deterministic():
 def test_torch_compile_fullgraph_gives_the_same_gradients():
     s, block = 200, 64
     q, k, v = (x.transpose(1, 2).contiguous() for x in qkv(1, s, 2, 16, seed=7))  # [B, H, S, D], plan order
-    plan = make_plan(s, block, b=1, h=2, density=0.5, seed=7, perm=False)
+    plan = random_plan(s, block, b=1, h=2, density=0.5, seed=7, perm=False)
     keep = torch.rand(1, s, generator=torch.Generator().manual_seed(7)) > 0.1
 
     def loss(q, k, v):
@@ -146,7 +81,7 @@ def test_opcheck():
 
     s, block, b, h = 130, 64, 2, 2
     q, k, v = (x.transpose(1, 2).contiguous().requires_grad_(True) for x in qkv(b, s, h, 8, seed=9))
-    plan = make_plan(s, block, b=1, h=h, density=0.6, seed=9, perm=False)
+    plan = random_plan(s, block, b=1, h=h, density=0.6, seed=9, perm=False)
     q_num, q_idx = _key_to_query_index(plan)
     keep = torch.rand(b, s, generator=torch.Generator().manual_seed(9)) > 0.2
     groups = torch.randint(0, 3, (b, s), generator=torch.Generator().manual_seed(10), dtype=torch.int32)
