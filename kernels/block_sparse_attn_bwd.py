@@ -437,6 +437,8 @@ def launch_backward(
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     if s == 0 or b * h == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    # The kernels' products pair dO with P in one dtype; autograd hands in out's dtype, a direct call may not.
+    dout = dout.to(q.dtype)
     # Only the last dimension must be dense (autograd hands in expanded or transposed gradients).
     dout, q, k, v, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (dout, q, k, v, out))
     if max(x.stride(2) for x in (dout, q, k, v, out)) * s >= 2**31:
