@@ -27,7 +27,10 @@ mask and block-causal groups (model masks ANDed with the plan), and the empty-ro
 gives output 0 and LSE -inf, never NaN).
 
 The public entry :func:`block_sparse_attn` is a torch custom op (``torch.ops.vidsparse.block_sparse_attn``) with a
-fake implementation, so ``torch.compile(fullgraph=True)`` traces through it. Forward only: there is no backward.
+fake implementation, so ``torch.compile(fullgraph=True)`` traces through it. Its backward, registered with
+``torch.library.register_autograd``, is the FlashAttention-2 backward of :mod:`vidsparse.kernels.block_sparse_attn_bwd`
+(itself the op ``vidsparse::block_sparse_attn_backward``): scores recomputed from the LSE the forward returns, a dQ
+pass over the plan rows and a dK/dV pass over the plan transposed, deterministic (no atomics).
 
 On a machine without CUDA the same kernel runs under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton
 is imported; ``tests/conftest.py`` does it): slowly, on CPU tensors, which is how the test suite checks it against the
@@ -46,7 +49,9 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from vidsparse.config import SUPPORTED_BLOCK_SIZES, check_choice
-from vidsparse.plan import num_blocks
+from vidsparse.plan import BlockPlan, num_blocks
+
+from .block_sparse_attn_bwd import launch_backward
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -414,6 +419,8 @@ def _check_inputs(
     scale: float,
     key_padding_mask: torch.Tensor | None,
     causal_groups: torch.Tensor | None = None,
+    q_num: torch.Tensor | None = None,
+    q_idx: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the argument, the value and what is allowed."""
     check_choice("block_size", block_size, SUPPORTED_BLOCK_SIZES)
@@ -474,6 +481,29 @@ def _check_inputs(
             raise ValueError(
                 f"causal_groups must have S={s} columns on {q.device}; got {tuple(causal_groups.shape)} on "
                 f"{causal_groups.device}."
+            )
+    if (q_num is None) != (q_idx is None):
+        raise ValueError("q_num and q_idx (the transposed plan) must be given together.")
+    if q_num is not None:
+        if (
+            q_num.dtype != torch.int32
+            or q_idx.dtype != torch.int32
+            or q.device != q_num.device
+            or q.device != q_idx.device
+        ):
+            raise ValueError(
+                f"q_num/q_idx must be int32 on {q.device}; got {q_num.dtype} on {q_num.device} / {q_idx.dtype} on "
+                f"{q_idx.device}."
+            )
+        if q_num.dim() != 3 or q_idx.dim() != 4 or tuple(q_idx.shape[:3]) != tuple(q_num.shape):
+            raise ValueError(
+                f"q_num must be [B, H, Kb] and q_idx [B, H, Kb, Qmax]; got {tuple(q_num.shape)} and "
+                f"{tuple(q_idx.shape)}."
+            )
+        if q_num.shape[0] not in (1, b) or q_num.shape[1] not in (1, h) or q_num.shape[2] != qb:
+            raise ValueError(
+                f"transposed plan shape q_num {tuple(q_num.shape)} is invalid for q {tuple(q.shape)}: expected "
+                f"[1 or {b}, 1 or {h}, {qb}]."
             )
 
 
@@ -609,18 +639,125 @@ def _block_sparse_attn_op(
     scale: float,
     key_padding_mask: torch.Tensor | None,
     causal_groups: torch.Tensor | None = None,
+    q_num: torch.Tensor | None = None,
+    q_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.ops.vidsparse.block_sparse_attn``: the kernel as an opaque op (a graph break-free unit for compile)."""
+    """``torch.ops.vidsparse.block_sparse_attn``: the kernel as an opaque op (a graph break-free unit for compile).
+
+    ``q_num``/``q_idx`` (the plan transposed) are not read by the forward, only saved for the backward.
+    """
     # Inside the op, so the check's host sync is invisible to torch.compile (no graph break).
     check_plan_indices(kv_num, kv_idx, num_blocks(q.shape[2], block_size))
     return _launch(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups)
 
 
 @_block_sparse_attn_op.register_fake
-def _block_sparse_attn_fake(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups=None):
+def _block_sparse_attn_fake(
+    q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups=None, q_num=None, q_idx=None
+):
     """Shapes and dtypes only, for tracing (torch.compile, FakeTensor): out like q, LSE float32 [B, H, S]."""
     b, h, s, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("vidsparse::block_sparse_attn_backward", mutates_args=())
+def _block_sparse_attn_backward_op(
+    dout: torch.Tensor,
+    dlse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    q_num: torch.Tensor | None,
+    q_idx: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    causal_groups: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, each ``[B, H, S, D]`` in q's dtype, from the output's and the LSE's gradients.
+
+    Args:
+        dout: ``[B, H, S, D]``; dlse: float32 ``[B, H, S]``; q, k, v, out, lse: the forward's inputs and outputs.
+        q_num, q_idx: The plan transposed (:func:`vidsparse.kernels.planning.key_to_query_index`); ``None``: derived
+            here from ``kv_num``/``kv_idx`` (callers of :func:`block_sparse_attn` without a plan object).
+    """
+    s = q.shape[2]
+    blocks = num_blocks(s, block_size)
+    if q_num is None or q_idx is None:
+        from .planning import key_to_query_index
+
+        q_num, q_idx = key_to_query_index(BlockPlan(kv_num, kv_idx, block_size, s))
+    # The dK/dV kernel trusts the transposed plan as the forward trusts the plan: checked once per tensor pair.
+    check_plan_indices(q_num, q_idx, blocks)
+    with _device_guard(q.device):
+        return launch_backward(
+            dout,
+            dlse,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            kv_num,
+            kv_idx,
+            q_num,
+            q_idx,
+            block_size,
+            scale,
+            key_padding_mask,
+            causal_groups,
+            head_dim_pad=padded_head_dim(q.shape[-1]),
+            interpreted=is_interpreted(),
+        )
+
+
+@_block_sparse_attn_backward_op.register_fake
+def _block_sparse_attn_backward_fake(
+    dout, dlse, q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, block_size, scale, key_padding_mask, causal_groups
+):
+    """Shapes and dtypes only: dq, dk, dv like q, k, v (contiguous)."""
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Save what the backward recomputes the scores from: q, k, v, out, the LSE, the plan (and its transpose)."""
+    q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups, q_num, q_idx = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, key_padding_mask, causal_groups)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
+    """Gradients for q, k and v; none for the plan, masks, block size or scale."""
+    q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, key_padding_mask, causal_groups = ctx.saved_tensors
+    # An output whose gradient autograd did not materialise contributes nothing: zeros.
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dq, dk, dv = _block_sparse_attn_backward_op(
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_num,
+        kv_idx,
+        q_num,
+        q_idx,
+        ctx.block_size,
+        ctx.scale,
+        key_padding_mask,
+        causal_groups,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_block_sparse_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def block_sparse_attn(
@@ -634,8 +771,10 @@ def block_sparse_attn(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     causal_groups: torch.Tensor | None = None,
+    q_num: torch.Tensor | None = None,
+    q_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention forward with the Triton kernel.
+    """Block-sparse attention with the Triton kernels, differentiable in q, k and v.
 
     Args:
         q, k, v: ``[B, H, S, D]`` in plan order, one dtype of float16/bfloat16/float32, D <= 256 (powers of two
@@ -648,13 +787,17 @@ def block_sparse_attn(
         key_padding_mask: Optional bool ``[B, S]``, True where a key may be attended (ANDed with the plan).
         causal_groups: Optional int32 ``[B or 1, S]`` in plan order: a query attends a key only when the key's group
             is not greater than its own (block-causal model masks, ANDed with the plan).
+        q_num, q_idx: Optional, the plan transposed for the backward's dK/dV pass: int32 ``[B or 1, H or 1, Kb]``
+            and ``[B or 1, H or 1, Kb, Qmax]`` (:func:`vidsparse.kernels.planning.key_to_query_index`, cached per
+            plan). Not given: the backward derives them from ``kv_num``/``kv_idx`` at each call.
 
     Returns:
         ``(out [B, H, S, D] in q's dtype, lse float32 [B, H, S])``; the LSE is a natural log. A query row without
-        any attendable key gets output 0 and LSE ``-inf``.
+        any attendable key gets output 0 and LSE ``-inf`` (and passes no gradient). Both outputs are
+        differentiable: the backward (:mod:`vidsparse.kernels.block_sparse_attn_bwd`) gives dq, dk, dv in q's dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    _check_inputs(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups)
+    _check_inputs(q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups, q_num, q_idx)
     return torch.ops.vidsparse.block_sparse_attn(
-        q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups
+        q, k, v, kv_num, kv_idx, block_size, scale, key_padding_mask, causal_groups, q_num, q_idx
     )

@@ -38,9 +38,10 @@ from types import ModuleType
 
 import torch
 
-from vidsparse.plan import BlockPlan, block_mask_to_indices
+from vidsparse.plan import BlockPlan
 
 from .gather import _blocked
+from .planning import key_to_query_index
 from .registry import Executor
 
 #: The executor has a backward (gradients for q, k, v): see :func:`cpp_block_sparse_attention`.
@@ -145,23 +146,6 @@ def cpp_kernel_for(device: torch.device) -> ModuleType | None:
 #: The LSE the backward reads for a query that saw no key (the forward's ``-inf``): the kernel is compiled with
 #: ``-ffast-math`` and keeps no infinities, and ``exp(score - 1e30)`` is exactly 0, so such a row gets no gradient.
 NO_KEY_LSE = 1e30
-
-
-def _key_to_query_index(plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan transposed: ``(q_num int32 [B, H, Kb], q_idx int32 [B, H, Kb, Kb])`` (plan's own B, H).
-
-    ``q_idx[b, h, j, :q_num[b, h, j]]`` lists, ascending, the query blocks that keep key block ``j``: the loop of the
-    backward's dK/dV pass. Computed once per plan and cached on it (outside ``torch.compile``, which traces the
-    computation instead: a few small tensor ops per call).
-    """
-    compiling = torch.compiler.is_compiling()
-    if not compiling and "_cpp_key_to_query" in plan.__dict__:
-        return plan.__dict__["_cpp_key_to_query"]
-    q_num, q_idx = block_mask_to_indices(plan.block_mask().transpose(-1, -2))
-    if not compiling:
-        q_idx = q_idx[..., : max(int(q_num.max()), 1)].contiguous()  # the lists' width, not Kb
-        plan.__dict__["_cpp_key_to_query"] = (q_num, q_idx)
-    return q_num, q_idx
 
 
 def _rows(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
@@ -303,7 +287,7 @@ def cpp_block_sparse_attention(
         load_cpp_kernel()  # the build error here, before any work (compiled graphs load it inside the op)
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    q_num, q_idx = _key_to_query_index(plan)
+    q_num, q_idx = key_to_query_index(plan)
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
     groups = None if causal_groups is None else causal_groups.expand(b, s).to(torch.int32).contiguous()
     out, lse = _attention_op(

@@ -10,6 +10,8 @@ BlockPlan index list. At 75k tokens these are memory-bound passes over q/k (tens
   draft's region pooling: each pooled region is one contiguous group.
 - :func:`block_mask_to_lut`: ``(kv_num, kv_idx)`` from a bool block mask, identical to
   :func:`vidsparse.plan.block_mask_to_indices` (kept columns ascending first, then the dropped ones ascending).
+- :func:`key_to_query_index`: the plan transposed (for each key block, the query blocks that keep it), which the
+  kernels' backwards (``cpp``, ``triton``) walk in their dK/dV pass; computed once per plan and cached on it.
 
 ``backend="auto"`` uses the Triton kernels for CUDA tensors and torch otherwise (on CPU the interpreter would be far
 slower than torch); ``"torch"`` and ``"triton"`` force one. Both versions are tested against each other, the Triton
@@ -21,9 +23,9 @@ from __future__ import annotations
 import torch
 
 from vidsparse.config import check_choice, check_int
-from vidsparse.plan import block_mask_to_indices, num_blocks
+from vidsparse.plan import BlockPlan, block_mask_to_indices, num_blocks
 
-__all__ = ["PLANNING_BACKENDS", "block_mask_to_lut", "block_means", "block_sums"]
+__all__ = ["PLANNING_BACKENDS", "block_mask_to_lut", "block_means", "block_sums", "key_to_query_index"]
 
 #: Values of ``backend=`` accepted by the planning helpers.
 PLANNING_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -124,3 +126,27 @@ def block_mask_to_lut(mask: torch.Tensor, *, backend: str = "auto") -> tuple[tor
 
         return block_mask_to_lut_triton(mask)
     return block_mask_to_indices(mask)
+
+
+# ------------------------------------------------------------------------------------------- the plan transposed
+#: The attribute a plan caches its transposed index under (in ``plan.__dict__``: the dataclass is frozen).
+_TRANSPOSED_CACHE = "_key_to_query"
+
+
+def key_to_query_index(plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan transposed: ``(q_num int32 [B, H, Kb], q_idx int32 [B, H, Kb, Qmax])`` (the plan's own B, H).
+
+    ``q_idx[b, h, j, :q_num[b, h, j]]`` lists, ascending, the query blocks that keep key block ``j``: the loop of the
+    backward's dK/dV pass (one program per key block, so no two programs write the same dK/dV rows: no atomics).
+    Both the ``cpp`` and the ``triton`` backward read it. Computed once per plan and cached on it, outside
+    ``torch.compile``; a compiled graph traces the computation instead (a few small tensor ops per call) and keeps
+    ``Qmax = Qb``, since trimming the width to the longest list needs a host sync.
+    """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _TRANSPOSED_CACHE in plan.__dict__:
+        return plan.__dict__[_TRANSPOSED_CACHE]
+    q_num, q_idx = block_mask_to_indices(plan.block_mask().transpose(-1, -2))
+    if not compiling:
+        q_idx = q_idx[..., : max(int(q_num.max()), 1)].contiguous()  # the lists' width, not Kb
+        plan.__dict__[_TRANSPOSED_CACHE] = (q_num, q_idx)
+    return q_num, q_idx

@@ -12,6 +12,7 @@ import torch
 
 from vidsparse.plan import BlockPlan
 
+from .planning import key_to_query_index
 from .registry import Executor
 
 
@@ -36,13 +37,20 @@ def triton_block_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``triton`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`) over the Triton kernel.
+    """The ``triton`` executor (:class:`~vidsparse.kernels.registry.ExecutorFn`) over the Triton kernels.
 
-    float16/bfloat16/float32, head dims 16/32/64/128, CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``).
+    float16/bfloat16/float32, head dims up to 256 (16/32/64/128 unpadded), CUDA tensors (CPU tensors under
+    ``TRITON_INTERPRET=1``). Differentiable: ``loss.backward()`` runs the Triton backward, which walks the plan
+    transposed; that index is built (once per plan, cached on it) only when q, k or v require grad.
     """
     if not triton_available():
         raise RuntimeError("backend='triton' requested but the Triton kernel could not be imported.")
     from .block_sparse_attn import block_sparse_attn
+
+    transposed = {}
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Inference never needs it: a new plan per call (dynamic methods) would pay for it at every call.
+        transposed["q_num"], transposed["q_idx"] = key_to_query_index(plan)
 
     out, lse = block_sparse_attn(
         q,  # strided views: the kernel reads strides (only the last dim must be dense), no copies
@@ -54,6 +62,7 @@ def triton_block_sparse_attention(
         scale=scale,
         key_padding_mask=key_padding_mask,
         causal_groups=causal_groups,
+        **transposed,
     )
     return out, (lse if return_lse else None)
 
@@ -61,10 +70,10 @@ def triton_block_sparse_attention(
 EXECUTOR = Executor(
     name="triton",
     run=triton_block_sparse_attention,
-    summary="block-sparse flash-attention kernel in Triton: the fast path on CUDA (forward only)",
+    summary="block-sparse flash-attention kernel in Triton, with its backward: the fast path on CUDA",
     devices=("cuda",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
-    has_backward=False,
+    has_backward=True,
     available=triton_available,
     unavailable="the Triton kernel could not be imported",
 )

@@ -195,7 +195,7 @@ def check_backward(backend: str, device: torch.device, dtype: torch.dtype = torc
         raise ValueError(
             f"backend={backend!r} cannot train on {device.type}: its backward failed ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). Executors with autograd: reference (any device), "
-            "flex (CUDA)."
+            "cpp (CPU, float32), flex (CUDA), triton (CUDA)."
         ) from None
     expected = grads("reference")
     tol = 1e-4 if dtype == torch.float32 else 5e-2

@@ -11,6 +11,7 @@ from vidsparse.kernels.cpp import HAS_BACKWARD, cpp_block_sparse_attention
 
 pytestmark = pytest.mark.skipif(not has_cxx_compiler(), reason="no C++ compiler: the cpp kernel cannot be built")
 
+
 def test_marked_as_having_a_backward():
     assert HAS_BACKWARD is True
 
@@ -77,12 +78,13 @@ def test_torch_compile_fullgraph_gives_the_same_gradients():
 
 
 def test_opcheck():
-    from vidsparse.kernels.cpp import _attention_op, _key_to_query_index, _rows
+    from vidsparse.kernels.cpp import _attention_op, _rows
+    from vidsparse.kernels.planning import key_to_query_index
 
     s, block, b, h = 130, 64, 2, 2
     q, k, v = (x.transpose(1, 2).contiguous().requires_grad_(True) for x in qkv(b, s, h, 8, seed=9))
     plan = random_plan(s, block, b=1, h=h, density=0.6, seed=9, perm=False)
-    q_num, q_idx = _key_to_query_index(plan)
+    q_num, q_idx = key_to_query_index(plan)
     keep = torch.rand(b, s, generator=torch.Generator().manual_seed(9)) > 0.2
     groups = torch.randint(0, 3, (b, s), generator=torch.Generator().manual_seed(10), dtype=torch.int32)
     args = (q, k, v, *(_rows(x, b, h) for x in (plan.kv_num, plan.kv_idx, q_num, q_idx)), keep, groups, block, 0.3)
