@@ -93,3 +93,13 @@ def test_layout_validation():
         VideoLayout(frames=0, height=2, width=2)
     with pytest.raises(ValueError, match="text_position"):
         VideoLayout(frames=1, height=2, width=2, text_position="middle")
+
+
+def test_plan_index_width_is_the_longest_row():
+    """kv_idx holds Kmax = max(kv_num) columns, not Kb: memory follows the density (issue 27 item 10)."""
+    mask = torch.eye(10, dtype=torch.bool)
+    mask[3, :4] = True  # the longest row keeps 4 blocks
+    plan = BlockPlan.from_block_mask(mask, block_size=64, seq_len=600).validate()
+    assert plan.kv_idx.shape[-1] == 4 and int(plan.kv_num.max()) == 4
+    assert torch.equal(plan.block_mask()[0, 0], mask)
+    assert plan.to_block_mask().kv_indices.shape[-1] == 10  # flex's copy stays full width (no recompiles)

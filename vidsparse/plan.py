@@ -161,6 +161,11 @@ class BlockPlan:
         if mask.dim() == 2:
             mask = mask[None, None]
         kv_num, kv_idx = block_mask_to_indices(mask)
+        if not torch.compiler.is_compiling() and kv_num.numel():
+            # Kmax = the longest row, not Kb: a sparse plan's index is then a fraction of Qb * Kb entries (a
+            # full-width one is 224 MB at 75.6k tokens, block 64, 40 heads). Consumers that need fixed shapes pad it
+            # (to_block_mask's full_width). Not while compiling: trimming reads the width on the host (a sync).
+            kv_idx = kv_idx[..., : max(int(kv_num.max()), 1)].contiguous()
         return cls(kv_num, kv_idx, block_size, seq_len, perm, video_range, dict(meta or {}))
 
     @classmethod
