@@ -141,6 +141,12 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file.")
     suffix = path.suffix.lower()
+    known = (".npy", *VIDEO_SUFFIXES, *GIF_SUFFIXES, *IMAGE_SUFFIXES)
+    if suffix not in known:  # a decoder would fail on it with a message about its own internals
+        raise ValueError(
+            f"cannot read {str(path)!r}: {suffix or 'no suffix'} is not a video, image or .npy file "
+            f"(expected one of {', '.join(known)})."
+        )
     try:
         if suffix == ".npy":
             frames = np.load(path, allow_pickle=False)
@@ -151,7 +157,7 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
     except Exception as err:  # every decoder error becomes one clear message naming the file
         raise ValueError(f"cannot read {str(path)!r}: {err}") from err
     frames = np.asarray(frames)
-    if frames.ndim == 3:  # one image
+    if frames.ndim == 3 and suffix != ".npy":  # one image (an .npy must hold [T, H, W, 3] itself)
         frames = frames[None]
     if frames.ndim == 4 and frames.shape[-1] == 4:  # drop alpha
         frames = frames[..., :3]

@@ -425,6 +425,22 @@ def load_lora(pipe: Any, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records of ``train_log.jsonl`` after ``step``, atomically.
+
+    Those are the steps a killed run did after its last checkpoint, which the resumed run does again.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -522,6 +538,8 @@ def finetune(
                     p.copy_(state["lora"][name])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
+        trim_log(out / LOG_NAME, step)
+        trim_log(out / LOG_NAME, step)
 
     prediction = prediction_of(pipe)
     shift = float(getattr(pipe.scheduler.config, "shift", 1.0))
@@ -531,11 +549,14 @@ def finetune(
     handle = apply(transformer, config.sparse) if config.sparse is not None else None
     transformer.train()
 
+    saved = {"step": step}  # the step of the checkpoint on disk
+
     def checkpoint() -> None:
         lora = {n: p.detach() for n, p in transformer.named_parameters() if p.requires_grad}
         state = {"lora": lora, "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed}
         _save_atomic(state, out / CHECKPOINT_NAME)
         save_lora(pipe, out)
+        saved["step"] = step
 
     losses, step_times, densities = [], [], []
     start = time.perf_counter()
@@ -604,6 +625,12 @@ def finetune(
                     break
             if not (out / LORA_WEIGHT_NAME).exists():
                 checkpoint()  # a resumed run that was already done: its files are written anyway
+    except KeyboardInterrupt:
+        # Ctrl-C between checkpoints: keep the steps done since the last one. The checkpoint is written atomically,
+        # so a second Ctrl-C during it leaves the previous one intact.
+        if step > saved["step"]:
+            checkpoint()
+        raise
     finally:
         bar.close()
         if handle is not None:

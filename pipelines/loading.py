@@ -42,7 +42,15 @@ def load_pipeline(
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        except OSError as err:  # no such folder / hub id, not cached offline, no network: diffusers' long OSError
+            reason = str(err).split(" (")[0].split(". ")[0].strip()
+            raise ValueError(
+                f"--model {model!r} cannot be loaded: {reason}. Give a local diffusers pipeline folder, a hub id "
+                f"already in the cache (or with network), or one of the built-in models: "
+                f"{', '.join('tiny-' + name for name in tiny.tiny_names())}."
+            ) from err
     if lora is not None:
         from vidsparse.pipelines.finetune import load_lora
 

@@ -35,6 +35,13 @@ def supported_model_classes() -> list[str]:
 
 def adapter_for(transformer: torch.nn.Module) -> FamilyAdapter:
     """The adapter serving ``transformer``; ``TypeError`` naming its class and the supported ones otherwise."""
+    if type(transformer).__name__ == "OptimizedModule":  # torch.compile(module) wraps it; module.compile() does not
+        raise TypeError(
+            f"vidsparse got a torch.compile'd wrapper (OptimizedModule) of "
+            f"{type(getattr(transformer, '_orig_mod', transformer)).__name__}: apply vidsparse before compiling, "
+            "or compile in place with transformer.compile() (or diffusers' compile_repeated_blocks), which keeps "
+            "the model's own class."
+        )
     for adapter in ADAPTERS:
         if adapter.matches(transformer):
             return adapter

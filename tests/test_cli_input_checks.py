@@ -186,3 +186,71 @@ def test_valid_options_from_every_source_still_combine():
     config = method_config(args)
     assert (config.method, config.density, config.dense_steps, config.block_size) == ("radial", 0.3, 1, 128)
     assert config.sink is False
+
+
+def test_unknown_model_id_is_one_line(capsys, monkeypatch, tmp_path):
+    import diffusers
+
+    def not_found(*args, **kwargs):  # what diffusers raises offline / for no such repo, without touching a network
+        raise OSError("Cannot load model nosuch-model: the model is not fully cached locally (details). More text.")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", not_found)
+    code, err = _exit_code_and_err(["render", "--model", "nosuch-model", "--out", str(tmp_path / "x.mp4")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--model 'nosuch-model' cannot be loaded: Cannot load model nosuch-model" in err and "tiny-shapes" in err
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.with_suffix(".txt").write_text("hi") and p.with_suffix(".txt"), ".txt is not a video, image"),
+        (
+            lambda p: __import__("numpy").save(p, __import__("numpy").zeros((4, 8, 8), "uint8")) or p,
+            r"shape \(4, 8, 8\)",
+        ),
+        (lambda p: __import__("numpy").save(p, __import__("numpy").zeros((0,), "uint8")) or p, r"shape \(0,\)"),
+    ],
+    ids=["text", "3-d npy", "empty npy"],
+)
+def test_compare_bad_files_name_the_problem(make, message, tmp_path, capsys):
+    import re
+
+    import numpy as np
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((2, 8, 8, 3), np.uint8))
+    bad = make(tmp_path / "bad.npy")
+    code, err = _exit_code_and_err(["compare", str(bad), str(good)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["eval", "arms", "--arm", "a=", "--arm", "b=", "--reference", "a"]])
+def test_eval_out_under_a_file_is_refused_before_loading(command, tmp_path, capsys, no_model_load):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _exit_code_and_err([*command, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "is a file, not a folder" in err, err
+
+
+def test_apply_on_a_compiled_wrapper_says_what_to_do():
+    import torch
+
+    import vidsparse
+    from vidsparse.pipelines import tiny
+
+    compiled = torch.compile(tiny.build("wan").transformer)  # compiles nothing until called
+    with pytest.raises(TypeError, match=r"OptimizedModule\) of WanTransformer3DModel: apply vidsparse before"):
+        vidsparse.apply(compiled, "radial")
+
+
+def test_eval_ctrl_c_says_what_was_kept(capsys, monkeypatch, tmp_path):
+    import vidsparse.commands.eval as eval_cmd
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cmd, "load_pipeline", interrupted)
+    monkeypatch.setattr(eval_cmd, "run_jobs", interrupted, raising=False)
+    code = main(["eval", "--out", str(tmp_path / "e"), "--model", "tiny-wan", "--steps", "2", "--lpips", "none"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err and "--resume" in err and "interrupted; the runs that finished" in err

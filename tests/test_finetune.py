@@ -254,6 +254,40 @@ def test_cli_minutes_budget_then_resume(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (out / F.LOG_NAME).read_text().splitlines()] == [1, 2]
 
 
+def test_ctrl_c_keeps_the_steps_done_and_resume_ends_like_an_uninterrupted_run(trained, tmp_path):
+    """Ctrl-C between checkpoints writes one; a run killed after its checkpoint left log lines of steps it will redo:
+    the resumed run drops them, so the log and the adapter equal an uninterrupted run's."""
+    straight, _, _ = trained
+    out = tmp_path / "run"
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        F.finetune(out, config(checkpoint_every_s=1e9), load_shapes_pipeline(), progress=False, on_step=interrupt)
+    assert torch.load(out / F.CHECKPOINT_NAME, weights_only=True)["step"] == 3  # the steps after the start were kept
+    with (out / F.LOG_NAME).open("a") as log:  # as if killed during step 4, after logging it, before a checkpoint
+        log.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    F.finetune(out, config(), load_shapes_pipeline(), resume=True, progress=False)
+    records = [json.loads(line) for line in (out / F.LOG_NAME).read_text().splitlines()]
+    expected = [json.loads(line) for line in (straight / F.LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in expected]
+    a, b = lora_state(straight), lora_state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_ctrl_c_is_one_message_with_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vidsparse.commands.finetune.load_pipeline", interrupted)
+    assert main(["finetune", str(tmp_path / "run"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted; the last checkpoint in" in err and "--resume" in err
+
+
 @pytest.mark.parametrize("command", [["render"], ["eval", "--out", "r"]])
 def test_lora_flag_without_weights_is_one_line_error(tmp_path, capsys, monkeypatch, command):
     monkeypatch.chdir(tmp_path)

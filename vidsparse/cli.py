@@ -54,6 +54,21 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, no traceback, non-zero exit.
         print(f"vidsparse {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: say what was kept and how to go on, instead of a traceback; 130 is the shell's code for SIGINT.
+        hint = INTERRUPTED.get(args.command, "nothing was written.")
+        print(f"\nvidsparse {args.command}: interrupted; {hint.format(**vars(args))}", file=sys.stderr)
+        return 130
+
+
+#: What an interrupted command leaves, by command (formatted with its parsed arguments). Every file vidsparse
+#: writes is written atomically, so an interrupted write leaves no partial file behind.
+INTERRUPTED = {
+    "eval": "the runs that finished are kept in {out!r}; run the same command with --resume to continue.",
+    "finetune": "the last checkpoint in {out!r} is kept; run the same command with --resume to continue.",
+    "calibrate": "nothing was written; run it again.",
+    "render": "nothing was written.",
+}
 
 
 if __name__ == "__main__":

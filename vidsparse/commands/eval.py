@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shlex
 import subprocess
 import sys
@@ -191,8 +190,9 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> None:
             f"--out {str(out)!r} is not empty. Pass --resume to continue that sweep (finished runs are kept and not "
             "redone) or --force to delete its previous results; or choose another --out."
         )
-    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {str(out)!r} is not writable by this user; choose another --out.")
+    from vidsparse.eval.video_io import check_writable_folder
+
+    check_writable_folder(out, "--out", create=False)  # a parent that is a file, a read-only folder: one line
 
 
 def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
@@ -398,13 +398,14 @@ def run_arms(args: argparse.Namespace) -> int:
 
     from vidsparse.eval.arms import check_arms, compare_arms, parse_arm, side_by_side
     from vidsparse.eval.results import write_json_atomic
+    from vidsparse.eval.video_io import check_writable_folder
 
     arms = [parse_arm(text) for text in args.arm]
     check_arms(arms, args.reference)  # before any pipeline loads
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; expected a folder.")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out, "--out", create=True)
     result, clips = compare_arms(
         arms,
         reference=args.reference,
