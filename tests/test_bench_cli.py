@@ -142,3 +142,23 @@ def test_time_rounds_keeps_every_round(monkeypatch):
     assert [round(t, 6) for t in rounds["b"]] == [5.0, 6.0, 7.0, 8.0]
     medians = bench.time_interleaved({"a": work(3.0)}, torch.device("cpu"), 3)
     assert round(medians["a"], 6) == 7.0  # rounds at 7, 7, 7 ms: the drift counter stays at 4
+
+
+def test_bench_train_interleaves_arms_and_reports_ratios(tmp_path, capsys):
+    """Two timed rounds of dense and radial training steps: one record per step and arm, the ratio to dense, the
+    density the sparse forward measured (below 1: the mask was applied), and no file left but the JSON."""
+    path = tmp_path / "train.json"
+    argv = ["bench", "train", "--methods", "radial:density=0.25", "--frames", "17", "--rounds", "2", "--rank", "2"]
+    assert main([*argv, "--json", str(path), "--quiet"]) == 0
+    report = json.loads(path.read_text())
+    dense, radial = report["rows"]
+    assert dense["arm"] == "none" and dense["ratio"] == 1.0 and dense["density"] is None
+    assert radial["arm"] == "radial:density=0.25" and 0.2 < radial["density"] < 0.3
+    assert len(radial["steps_s"]) == 2 and radial["ratio"] == pytest.approx(radial["step_s"] / dense["step_s"], 1e-2)
+    assert "| radial:density=0.25 |" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.json"]
+
+
+def test_bench_train_checks_specs_before_training(capsys):
+    assert main(["bench", "train", "--methods", "nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err

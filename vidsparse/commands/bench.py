@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .common import add_backend_arg, resolve_device, resolve_dtype
+from .common import add_backend_arg, add_geometry_args, positive_int, resolve_device, resolve_dtype
 
 DEFAULT_E2E_DENSITY = 0.25
 
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=lambda _args: p.print_help() or 2)
-    inner = p.add_subparsers(dest="bench_command", metavar="{attention,e2e,scaling}")
+    inner = p.add_subparsers(dest="bench_command", metavar="{attention,e2e,scaling,train}")
 
     a = inner.add_parser("attention", help="one attention call per method x density x geometry")
     _add_common_args(a)
@@ -113,6 +113,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common_args(s)
     _add_scaling_args(s)
     s.set_defaults(func=run_scaling)
+
+    t = inner.add_parser("train", help="one LoRA training step of the shipped model, dense vs each method")
+    t.add_argument(
+        "--methods",
+        nargs="+",
+        default=["radial:density=0.25"],
+        metavar="SPEC",
+        help="method specs to train with (default: radial:density=0.25); the dense arm is always measured",
+    )
+    add_geometry_args(t, what="the training clips")
+    t.add_argument("--rounds", type=positive_int, default=4, help="timed rounds after a warm-up (default: 4)")
+    t.add_argument("--rank", type=positive_int, default=16, help="LoRA rank (default: 16)")
+    t.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    t.add_argument("--json", metavar="PATH", help="write the results to this JSON file (atomically)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    t.set_defaults(func=run_train)
 
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:
@@ -343,6 +359,45 @@ def run_scaling(args: argparse.Namespace) -> int:
         write_scaling_plot(report, plot)
         report["plot"] = plot
     return _finish(args, report, runs, scaling_table(report))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``vidsparse bench train``: print the table of training-step times, write ``--json``."""
+    from vidsparse.eval.bench_train import bench_train
+    from vidsparse.methods import parse_method_spec
+
+    for spec in args.methods:
+        parse_method_spec(spec, where=f"--methods {spec!r}")  # every spec checked before any training
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = bench_train(
+        args.methods,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        rounds=args.rounds,
+        rank=args.rank,
+        progress=_progress(args),
+    )
+    return _finish(args, report, [], train_table(report))
+
+
+def train_table(report: dict[str, Any]) -> str:
+    """Markdown table of a :func:`~vidsparse.eval.bench_train.bench_train` report."""
+    lines = [
+        f"training step, {report['frames']}x{report['height']}x{report['width']} clips, LoRA rank {report['rank']}, "
+        f"{report['rounds']} interleaved rounds after a warm-up, {report['threads']} threads, load average "
+        f"{report['loadavg_before'][0]} -> {report['loadavg_after'][0]}",
+        "",
+        "| arm | median step (s) | ratio to dense | first step (s) | density |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        density = "-" if row["density"] is None else f"{row['density']:.3f}"
+        lines.append(
+            f"| {row['arm']} | {row['step_s']:.3f} | {row['ratio']:.3f} | {row['first_step_s']:.2f} | {density} |"
+        )
+    return "\n".join(lines)
 
 
 def e2e_config_table(report: dict[str, Any]) -> str:
