@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import qkv, random_plan
+from helpers import grads, qkv, random_plan
 
 from vidsparse.kernels.block_sparse_attn import block_sparse_attn, is_interpreted
 from vidsparse.kernels.block_sparse_attn_bwd import launch_backward
@@ -26,18 +26,6 @@ TOL = {
     torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
     torch.float16: {"atol": 1e-2, "rtol": 1e-2},
 }
-
-
-def grads(backend, q, k, v, plan, dout, dlse=None, **masks):
-    """``(out, lse, dq, dk, dv)`` of ``block_sparse_attention`` (diffusers layout) under ``backend``."""
-    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    out, lse = block_sparse_attention(q, k, v, plan, backend=backend, return_lse=True, **masks)
-    loss = (out.float() * dout).sum()
-    if dlse is not None:
-        # Only rows that see a key: the reference's LSE of an empty row is -inf (its gradient would be NaN).
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum()
-    loss.backward()
-    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
 def assert_same_grads(q, k, v, plan, *, seed, with_lse=False, **masks):
