@@ -60,6 +60,7 @@ def bench_train(
         timed step, ``first_step_s``, ``density``), the geometry and the load average before and after.
     """
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     from vidsparse.methods import parse_method_spec
     from vidsparse.pipelines import finetune as F
@@ -90,7 +91,9 @@ def bench_train(
     }
     F.check_geometry(load_shapes_pipeline(device), configs[DENSE])  # before any training
     load_before = os.getloadavg()
-    diffusers_logging.disable_progress_bar()  # every call loads the model: no loading bars between the lines
+    # Every call loads the model: no loading bars (diffusers' pipeline, transformers' text encoder) between the lines.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="vidsparse-bench-train-") as tmp:
         folders = {arm: Path(tmp) / f"arm{i}" for i, arm in enumerate(arms)}
         for step in range(1, total + 1):
@@ -109,6 +112,7 @@ def bench_train(
                     progress(f"bench train: round {step - 1}/{rounds} {arm}: {record['step_s']:.2f} s")
         logs = {arm: _log(folder) for arm, folder in folders.items()}
     diffusers_logging.enable_progress_bar()
+    transformers_logging.enable_progress_bar()
     dense = statistics.median(r["step_s"] for r in logs[DENSE][1:])
     rows = []
     for arm, records in logs.items():
