@@ -147,12 +147,21 @@ def backend_names() -> tuple[str, ...]:
     return (AUTO, *_EXECUTOR_MODULES)
 
 
+#: Module name -> its ``EXECUTOR``, once imported. A compiled region traces a dict lookup where it could not trace
+#: ``importlib.import_module`` (a graph break in every executor call). Keyed by module, not by executor name, so a
+#: name that :data:`_EXECUTOR_MODULES` maps elsewhere (tests do) finds its own module.
+_LOADED: dict[str, Executor] = {}
+
+
 def get_executor(name: str) -> Executor:
     """The registered :class:`Executor` called ``name``; ``ValueError`` naming the known ones otherwise."""
     module = _EXECUTOR_MODULES.get(name) if isinstance(name, str) else None
     if module is None:
         raise ValueError(f"backend={name!r} is invalid: expected one of {', '.join(map(repr, backend_names()))}.")
-    return importlib.import_module(module).EXECUTOR
+    spec = _LOADED.get(module)
+    if spec is None:
+        spec = _LOADED[module] = importlib.import_module(module).EXECUTOR
+    return spec
 
 
 def executors() -> list[Executor]:
