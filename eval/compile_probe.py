@@ -183,10 +183,16 @@ def _config(method: str, executor: str | None) -> Any:
 
 @contextmanager
 def _pipeline(method: str, executor: str | None, tiny: str) -> Iterator[tuple[Any, Any]]:
-    """A fresh tiny pipeline with ``method`` applied (None handle for stock); removed afterwards."""
+    """A fresh tiny pipeline with ``method`` applied (None handle for stock); removed afterwards.
+
+    The geometry cache of static plans is emptied first: every run starts as in a new process, with plans (and what
+    executors cache on them, such as ``gather``'s schedule) built during the run, not by an earlier one.
+    """
     import vidsparse
+    from vidsparse import methods
     from vidsparse.pipelines import tiny as tiny_pipelines
 
+    methods._STATIC_CACHE.clear()
     pipe = tiny_pipelines.build(tiny)
     pipe.set_progress_bar_config(disable=True)
     handle = None if method == STOCK else vidsparse.apply(pipe, _config(method, executor))

@@ -111,6 +111,10 @@ class Executor:
             time (the cpp kernel compiles once).
         unavailable: What to tell the user when ``auto`` skips it because :attr:`available` is False.
         plan_order: It takes token-indexed inputs in plan order (the dispatcher permutes); False: original order.
+        prepare: Optional ``prepare(plan, batch, heads, needs_grad)``: build what :attr:`run` caches on a plan for
+            q of ``batch`` x ``heads`` (``gather``'s schedule), ahead of the call. vidsparse's root hook calls it
+            for the static plans it builds before the transformer runs, so that a compiled region finds the cache
+            filled instead of building it (host synchronisations: graph breaks).
     """
 
     name: str
@@ -123,6 +127,7 @@ class Executor:
     available: Callable[[], bool] = _always
     unavailable: str = ""
     plan_order: bool = True
+    prepare: Callable[[BlockPlan, int, int, bool], None] | None = None
 
     def runs_on(self, device_type: str) -> bool:
         """True when ``auto`` may pick it for a device of this type."""

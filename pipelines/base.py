@@ -118,10 +118,9 @@ class FamilyAdapter:
         """
         return 0 if self.text_position == "none" else None
 
-    def device_from_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.device | None:
-        """The device of this forward call (its ``hidden_states``'), where static plans are built; None if unknown."""
-        hidden_states = forward_arguments(module, args, kwargs).get("hidden_states")
-        return hidden_states.device if isinstance(hidden_states, torch.Tensor) else None
+    def hidden_states_from_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The ``hidden_states`` of this forward call (its device and batch are the attention's), or None."""
+        return forward_arguments(module, args, kwargs).get("hidden_states")
 
     def make_processor(self, config: SparseConfig, original: Any) -> Any:
         """A sparse processor replacing ``original`` (copying its backend / parallel settings)."""
@@ -434,9 +433,14 @@ class SparseProcessorMixin:
         return VideoLayout(*grid, text_len=text_len, text_position=position)
 
     def prepared_plan(self, attn: torch.nn.Module, layout: VideoLayout, device: torch.device) -> BlockPlan | None:
-        """The static plan the root hook built for this call's ``layout`` on ``device``, or None."""
+        """The static plan the root hook built for this call's ``layout`` on ``device``, or None.
+
+        ``layout`` must be the prepared layout itself (the one :meth:`sparse_layout` returns when compiling), not an
+        equal one: in a frame Dynamo resumes after a graph break, the layouts' sizes may be symbolic (automatic
+        dynamic shapes, after a second resolution), and Dynamo cannot compare such dataclasses with ``!=``.
+        """
         call = self.prepared_call(attn)
-        if call is None or call.plan is None or call.layout != layout or call.plan.device != device:
+        if call is None or call.plan is None or call.layout is not layout or call.plan.device != device:
             return None
         return call.plan
 

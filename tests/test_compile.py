@@ -140,3 +140,24 @@ def test_compile_regions_without_compile_repeated_blocks():
     assert model.head._compiled_call_impl is None and model._compiled_call_impl is None
     with pytest.raises(ValueError, match="no _repeated_blocks"):
         compile_regions(torch.nn.Linear(2, 2))
+
+
+def test_gather_executor_compiles_fullgraph_too():
+    """gather's schedule (host synchronisations) is built by the root hook with the static plan, before the blocks
+    run: a compiled processor finds it cached on the plan."""
+    eager = run_eager("radial", executor="gather", steps=STEPS)
+    compiled = run_compiled("radial", "regional", fullgraph=True, executor="gather", steps=STEPS)
+    assert compiled.counts.graph_breaks == 0 and compiled.counts.graphs == 2
+    assert_same_as_eager(compiled, eager)
+
+
+@pytest.mark.slow
+def test_flex_executor_is_a_graph_break_by_design():
+    """FlexAttention traced into the caller's graph would be compiled by the caller's backend, and every backend
+    but inductor runs it eagerly, dense: the executor runs its own compiled FlexAttention, as a graph break."""
+    geometry = [(17, 128, 192)]
+    eager = run_eager("radial", executor="flex", steps=1, geometries=geometry)
+    compiled = run_compiled("radial", "regional", executor="flex", steps=1, geometries=geometry)
+    reasons = compiled.counts.break_reasons
+    assert reasons and all("flex_block_sparse_attention" in r for r in reasons), reasons
+    assert_same_as_eager(compiled, eager)

@@ -37,6 +37,8 @@ import torch
 from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
 
 from .config import SparseConfig, resolve_step_count
+from .kernels.dispatch import resolve_backend
+from .kernels.registry import get_executor
 from .layout import VideoLayout
 from .methods import PlanContext, build_plan, get_method
 from .plan import BlockPlan
@@ -288,6 +290,8 @@ class SparseRuntime:
         *,
         text_len: int | None,
         device: torch.device | None,
+        batch: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """Decide every sparse module's call (and build static plans) before the transformer runs; see LayerCall.
 
@@ -299,6 +303,8 @@ class SparseRuntime:
             text_len: Text tokens in the self-attention sequence when known before the forward (0 for video-only
                 families), else None: layouts and plans are then left to the processors.
             device: The forward's device, where static plans are built (None: left to the processors).
+            batch, dtype: The attention's batch size and dtype when known: the executor that will run a static
+                plan builds what it caches on it for that shape (``Executor.prepare``; ``gather``'s schedule).
         """
         self._prepared = []
         info = self.current
@@ -307,6 +313,9 @@ class SparseRuntime:
             call = None
             if info is not None and info.grid is not None and config is not None:
                 call = self._prepare_layer(info, module._vidsparse_layer, config, text_len, device, static_plans)
+                if call.plan is not None and batch is not None:
+                    heads = getattr(module, "heads", None)
+                    self._prepare_executor(config, call.plan, batch, heads, dtype, info.training)
                 self._prepared.append((module, call))
             module._vidsparse_call = call
 
@@ -340,6 +349,21 @@ class SparseRuntime:
             static_plans[id(config)] = (layout, plan, plan_ms)
         call.layout, call.plan, call.plan_ms = static_plans[id(config)]
         return call
+
+    @staticmethod
+    def _prepare_executor(
+        config: SparseConfig, plan: BlockPlan, batch: int, heads: int | None, dtype: torch.dtype | None, grad: bool
+    ) -> None:
+        """Let the executor that will run ``plan`` build what it caches on it (see ``Executor.prepare``)."""
+        if not isinstance(heads, int):
+            return
+        try:
+            spec = get_executor(resolve_backend(config.backend, plan.device, dtype, needs_grad=grad))
+            if spec.prepare is not None:
+                spec.prepare(plan, batch, heads, grad)
+        except Exception:
+            # Only a head start: whatever fails here fails again, and is raised, where the executor runs.
+            return
 
     def record_prepared(self) -> None:
         """Record the prepared calls that no eager processor handled (compiled processors'), and unpublish them.
@@ -575,10 +599,14 @@ class VidSparseRootHook(ModelHook):
         parallel_config = getattr(module, "_parallel_config", None)
         training = module.training and torch.is_grad_enabled()  # pipelines run under no_grad: never training
         self._own_context = self.runtime.begin_call(self.model_index, grid, timestep, parallel_config, training)
+        hidden_states = self.adapter.hidden_states_from_forward(module, args, kwargs)
+        known = isinstance(hidden_states, torch.Tensor)
         self.runtime.prepare_layers(
             [(m, self._config_of(m)) for m in self._sparse_modules(module)],
             text_len=self.adapter.text_len_from_forward(module, args, kwargs),
-            device=self.adapter.device_from_forward(module, args, kwargs),
+            device=hidden_states.device if known else None,
+            batch=hidden_states.shape[0] if known else None,
+            dtype=getattr(module, "dtype", None),  # a diffusers model's parameters' dtype: the attention's
         )
         return args, kwargs
 
