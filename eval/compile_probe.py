@@ -392,10 +392,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default="eager", help="compiler backend (eager, aot_eager, inductor)")
     parser.add_argument("--executor", help="the methods' backend= option (default: auto)")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--geometries",
+        nargs="+",
+        default=[f"{f}x{h}x{w}" for f, h, w in GEOMETRIES],
+        help="generations in order, FRAMESxHEIGHTxWIDTH in pixels (default: %(default)s)",
+    )
     parser.add_argument("--no-fullgraph", action="store_true", help="skip the fullgraph=True runs")
     parser.add_argument("--details", action="store_true", help="print every graph-break and recompile reason")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
+    geometries = [tuple(int(x) for x in g.lower().split("x")) for g in args.geometries]
+    if any(len(g) != 3 for g in geometries):
+        parser.error("--geometries: expected FRAMESxHEIGHTxWIDTH, e.g. 17x128x192")
     results = []
     for method in args.methods:
         for mode in args.modes:
@@ -406,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     backend=args.backend,
                     executor=args.executor,
                     steps=args.steps,
+                    geometries=geometries,
                     try_fullgraph=not args.no_fullgraph,
                 )
             )

@@ -23,6 +23,11 @@ stateful :class:`~diffusers.hooks.ModelHook` on each transformer (the *root hook
 
 Both transformers of a Wan 2.2 two-expert pipeline share one :class:`SparseRuntime` and one ``StateManager``, so the
 step count continues when the pipeline switches experts.
+
+For ``torch.compile``, the hook also decides every sparse module's call before the transformer runs, and builds the
+static methods' plans (:class:`LayerCall`, published on each module): under regional compilation (the blocks
+compiled, the transformer's forward and this hook eager) a compiled processor reads them instead of deciding and
+planning itself, so its graph holds no Python state, no guard on the step or the layer, and no graph break.
 """
 
 from __future__ import annotations
