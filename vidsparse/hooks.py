@@ -313,13 +313,15 @@ class SparseRuntime:
         """
         self._prepared = []
         info = self.current
-        static_plans: dict[int, tuple[VideoLayout, BlockPlan | None, float]] = {}  # id(config) -> built once per call
+        layouts: dict[int, VideoLayout] = {}  # id(config) -> the call's layout, one object for all its layers
+        prepared_executors: set[tuple[int, int | None]] = set()  # (id(config), heads) done in this call
         for module, config in layers:
             call = None
             if info is not None and info.grid is not None and config is not None:
-                call = self._prepare_layer(info, module._vidsparse_layer, config, text_len, device, static_plans)
-                if call.plan is not None and batch is not None:
-                    heads = getattr(module, "heads", None)
+                call = self._prepare_layer(info, module._vidsparse_layer, config, text_len, device, layouts)
+                heads = getattr(module, "heads", None)
+                if call.plan is not None and batch is not None and (id(config), heads) not in prepared_executors:
+                    prepared_executors.add((id(config), heads))
                     self._prepare_executor(config, call.plan, batch, heads, dtype, info.training)
                 self._prepared.append((module, call))
             module._vidsparse_call = call
@@ -331,7 +333,7 @@ class SparseRuntime:
         config: SparseConfig,
         text_len: int | None,
         device: torch.device | None,
-        static_plans: dict[int, tuple[VideoLayout, BlockPlan | None, float]],
+        layouts: dict[int, VideoLayout],
     ) -> LayerCall:
         grid = info.grid
         n_video = grid[0] * grid[1] * grid[2]
@@ -339,20 +341,17 @@ class SparseRuntime:
         call = LayerCall(config, layer, grid, n_video, reason is None, reason)
         if reason is not None or text_len is None:
             return call
-        if id(config) not in static_plans:
-            layout = VideoLayout(*grid, text_len=text_len)
-            plan, plan_ms = None, 0.0
-            if device is not None and get_method(config.method).static:
-                start = time.perf_counter()
-                try:
-                    plan = build_plan(config, None, None, layout, device=device)
-                except Exception:
-                    # Whatever is wrong with this geometry, the processor raises it where it would without this
-                    # preparation (or never, when its call turns out dense), so the forward behaves the same.
-                    plan = None
-                plan_ms = (time.perf_counter() - start) * 1000
-            static_plans[id(config)] = (layout, plan, plan_ms)
-        call.layout, call.plan, call.plan_ms = static_plans[id(config)]
+        call.layout = layouts.setdefault(id(config), VideoLayout(*grid, text_len=text_len))
+        if device is not None and get_method(config.method).static:
+            # Per layer, as the processor would (a geometry-cache hit after the first): plan_ms keeps its meaning.
+            start = time.perf_counter()
+            try:
+                call.plan = build_plan(config, None, None, call.layout, device=device)
+            except Exception:
+                # Whatever is wrong with this geometry, the processor raises it where it would without this
+                # preparation (or never, when its call turns out dense), so the forward behaves the same.
+                call.plan = None
+            call.plan_ms = (time.perf_counter() - start) * 1000
         return call
 
     @staticmethod
@@ -383,6 +382,8 @@ class SparseRuntime:
                 module._vidsparse_call = None
             if call.handled or info is None or not self.record_stats:
                 continue
+            if call.sparse and call.plan is None:
+                continue  # no plan to describe (its processor would have planned, and recorded, itself)
             if not call.sparse:
                 record = CallRecord(
                     info.model_index,
@@ -394,7 +395,6 @@ class SparseRuntime:
                     tokens=call.num_video_tokens,
                 )
             else:
-                plan, layout = call.plan, call.layout
                 record = CallRecord(
                     info.model_index,
                     call.layer,
@@ -402,10 +402,10 @@ class SparseRuntime:
                     info.context,
                     True,
                     "sparse",
-                    plan.mean_density if plan is not None else None,
+                    call.plan.mean_density,
                     call.plan_ms,
                     call.num_video_tokens,
-                    layout.text_len if layout is not None else 0,
+                    call.layout.text_len,
                 )
             self.records.append(record)
         self._prepared = []
