@@ -75,6 +75,17 @@ def resolve_backend(
     return spec.name
 
 
+@torch.compiler.assume_constant_result
+def _resolve_when_traced(backend: str, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
+    """:func:`resolve_backend` for a compiled region: run once, in Python, while the region is traced.
+
+    Its result is a constant of the graph. Traced, the resolution would break the graph in every call: ``auto`` asks
+    each executor whether it is available, and the ``cpp`` kernel's check (a cached build lookup that hashes its
+    source) is Python that Dynamo cannot trace. An executor's availability does not change within a process.
+    """
+    return resolve_backend(backend, device, dtype, needs_grad=needs_grad)
+
+
 def _auto(device: torch.device, dtype: torch.dtype | None, needs_grad: bool = False) -> Executor:
     """The executor ``auto`` picks (see :func:`resolve_backend`)."""
     skipped = []
@@ -145,7 +156,8 @@ def block_sparse_attention(
             raise ValueError(f"causal_groups must hold integers; got {causal_groups.dtype}.")
         causal_groups = causal_groups.to(device=q.device, dtype=torch.int32)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    spec = get_executor(resolve_backend(backend, q.device, q.dtype, needs_grad=needs_grad))
+    resolve = _resolve_when_traced if torch.compiler.is_compiling() else resolve_backend
+    spec = get_executor(resolve(backend, q.device, q.dtype, needs_grad=needs_grad))
     plan = plan.to(q.device)
     if causal_groups is not None:
         groups_in_plan_order = causal_groups if plan.perm is None else causal_groups.index_select(1, plan.perm)

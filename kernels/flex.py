@@ -97,6 +97,11 @@ def _masked_block_mask(
     )
 
 
+# Inside a caller's compiled region this runs as a graph break, on purpose: traced into the caller's graph,
+# FlexAttention is compiled by the caller's backend, and any backend but inductor (eager, aot_eager) runs it eagerly,
+# where it ignores the block lists (a silent dense result); the recompile guard's config patch cannot be traced
+# either. Run eagerly, it calls its own compiled FlexAttention, as without an outer compile.
+@torch.compiler.disable
 def flex_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,

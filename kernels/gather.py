@@ -103,6 +103,11 @@ def gather_schedule(plan: BlockPlan, batch: int, heads: int, *, split: bool = Tr
     cache_key = (batch, heads, split)
     if cache_key in cache:
         return cache[cache_key]
+    if torch.compiler.is_compiling():
+        # Built with host synchronisations (data-dependent sizes), which a compiled graph cannot hold: built
+        # eagerly, as a graph break. vidsparse's root hook builds it before the forward for the static plans it
+        # prepares (EXECUTOR.prepare), so a compiled processor finds it cached and traces the buckets as inputs.
+        return _gather_schedule_eagerly(plan, batch, heads, split=split)
     qb, dev = plan.num_q_blocks, plan.device
     kmax = plan.kv_idx.shape[-1]
     rows = batch * heads * qb
@@ -159,6 +164,9 @@ def gather_schedule(plan: BlockPlan, batch: int, heads: int, *, split: bool = Tr
         buckets += _bucketize(plan, rest, torch.arange(rest.numel(), device=dev), remaining[rest], merge=True)
     cache[cache_key] = buckets
     return buckets
+
+
+_gather_schedule_eagerly = torch.compiler.disable(gather_schedule)
 
 
 def _similar_windows(keeps: torch.Tensor, candidate: torch.Tensor, heads: int, qb: int) -> dict[int, torch.Tensor]:
@@ -381,7 +389,7 @@ def gather_block_sparse_attention(
     # them: gathering into reused buffers (``out=`` has no autograd) and the split windows, which merge partial
     # results by their LSE while SDPA's LSE output has no gradient. So with gradients: fresh gathers, no split.
     differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    split = (q.device.type == "cpu" if split is None else split) and not differentiable
+    split = _default_split(q.device, differentiable) if split is None else split and not differentiable
     schedule = gather_schedule(plan, b, h, split=split)
     need_lse = return_lse or any(bucket.merge for bucket in schedule)
     # Zeros and LSE -inf: what a query block that keeps no key block gets (as the reference gives).
@@ -445,10 +453,21 @@ def gather_block_sparse_attention(
     return out, lse
 
 
+def _default_split(device: torch.device, differentiable: bool) -> bool:
+    """The executor's default ``split``: on the CPU, and never with gradients (see the executor)."""
+    return device.type == "cpu" and not differentiable
+
+
+def prepare_schedule(plan: BlockPlan, batch: int, heads: int, needs_grad: bool) -> None:
+    """Build (and cache on ``plan``) the schedule the executor will use for q of ``batch`` x ``heads``."""
+    gather_schedule(plan, batch, heads, split=_default_split(plan.device, needs_grad))
+
+
 EXECUTOR = Executor(
     name="gather",
     run=gather_block_sparse_attention,
     summary="batched SDPA over the gathered key/value blocks: any dtype, no compiler; the CPU fallback",
     devices=("cpu",),
     has_backward=True,
+    prepare=prepare_schedule,
 )

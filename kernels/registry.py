@@ -111,6 +111,10 @@ class Executor:
             time (the cpp kernel compiles once).
         unavailable: What to tell the user when ``auto`` skips it because :attr:`available` is False.
         plan_order: It takes token-indexed inputs in plan order (the dispatcher permutes); False: original order.
+        prepare: Optional ``prepare(plan, batch, heads, needs_grad)``: build what :attr:`run` caches on a plan for
+            q of ``batch`` x ``heads`` (``gather``'s schedule), ahead of the call. vidsparse's root hook calls it
+            for the static plans it builds before the transformer runs, so that a compiled region finds the cache
+            filled instead of building it (host synchronisations: graph breaks).
     """
 
     name: str
@@ -123,6 +127,7 @@ class Executor:
     available: Callable[[], bool] = _always
     unavailable: str = ""
     plan_order: bool = True
+    prepare: Callable[[BlockPlan, int, int, bool], None] | None = None
 
     def runs_on(self, device_type: str) -> bool:
         """True when ``auto`` may pick it for a device of this type."""
@@ -147,12 +152,21 @@ def backend_names() -> tuple[str, ...]:
     return (AUTO, *_EXECUTOR_MODULES)
 
 
+#: Module name -> its ``EXECUTOR``, once imported. A compiled region traces a dict lookup where it could not trace
+#: ``importlib.import_module`` (a graph break in every executor call). Keyed by module, not by executor name, so a
+#: name that :data:`_EXECUTOR_MODULES` maps elsewhere (tests do) finds its own module.
+_LOADED: dict[str, Executor] = {}
+
+
 def get_executor(name: str) -> Executor:
     """The registered :class:`Executor` called ``name``; ``ValueError`` naming the known ones otherwise."""
     module = _EXECUTOR_MODULES.get(name) if isinstance(name, str) else None
     if module is None:
         raise ValueError(f"backend={name!r} is invalid: expected one of {', '.join(map(repr, backend_names()))}.")
-    return importlib.import_module(module).EXECUTOR
+    spec = _LOADED.get(module)
+    if spec is None:
+        spec = _LOADED[module] = importlib.import_module(module).EXECUTOR
+    return spec
 
 
 def executors() -> list[Executor]:

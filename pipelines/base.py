@@ -30,9 +30,10 @@ from typing import Any, ClassVar
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.hooks import SparseRuntime
+from vidsparse.hooks import LayerCall, SparseRuntime, mark_handled
 from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
+from vidsparse.plan import BlockPlan
 
 from .parallel import check_context_parallel, context_parallel_config, local_sequence_length, ulysses_attention
 
@@ -107,6 +108,19 @@ class FamilyAdapter:
         """
         hidden_states = forward_arguments(module, args, kwargs).get("hidden_states")
         return grid_from_5d(hidden_states, self.patch_size(module.config), frames_dim=self.frames_dim)
+
+    def text_len_from_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> int | None:
+        """Text tokens in the self-attention sequence of this forward call, when known before the blocks run.
+
+        Video-only families (``text_position == "none"``) have none. Joint families return None by default: their
+        processors count the text themselves, after the model's own text handling, and a compiled processor then
+        builds its layout and plans itself (see :class:`vidsparse.hooks.LayerCall`).
+        """
+        return 0 if self.text_position == "none" else None
+
+    def hidden_states_from_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The ``hidden_states`` of this forward call (its device and batch are the attention's), or None."""
+        return forward_arguments(module, args, kwargs).get("hidden_states")
 
     def make_processor(self, config: SparseConfig, original: Any) -> Any:
         """A sparse processor replacing ``original`` (copying its backend / parallel settings)."""
@@ -328,9 +342,16 @@ class SparseProcessorMixin:
             self._attention_backend = getattr(original, "_attention_backend", None)
             self._parallel_config = getattr(original, "_parallel_config", None)
 
-    def stock_call(self, *args: Any, **kwargs: Any) -> Any:
+    def stock_call(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         """The stock processor's ``__call__`` (the next class after this mixin in the MRO): every dense path."""
-        return super().__call__(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            mark_handled(attn)  # this eager call needs no record from the root hook (see LayerCall)
+        return super().__call__(attn, *args, **kwargs)
+
+    def prepared_call(self, attn: torch.nn.Module) -> LayerCall | None:
+        """The root hook's decision for this call (:class:`~vidsparse.hooks.LayerCall`), if made for this config."""
+        call = getattr(attn, "_vidsparse_call", None)
+        return call if call is not None and call.config is self.config else None
 
     @staticmethod
     def runtime_of(attn: torch.nn.Module) -> SparseRuntime:
@@ -382,6 +403,17 @@ class SparseProcessorMixin:
         """
         runtime = self.runtime_of(attn)
         cp_config = self.sync_parallel_config(attn)
+        position = "before" if text_position == "before" else "after"
+        if torch.compiler.is_compiling() and cp_config is None:
+            # Compiled: take the root hook's decision; deciding here would read the step and the layer (guards).
+            call = self.prepared_call(attn)
+            if call is not None and call.num_video_tokens + text_len == seq_len:
+                if not call.sparse:
+                    return None
+                layout = call.layout
+                if layout is not None and layout.text_len == text_len and layout.text_position == position:
+                    return layout
+                return VideoLayout(*call.grid, text_len=text_len, text_position=position)
         grid = runtime.call_info(attn).grid
         if grid is None:
             return None
@@ -398,7 +430,19 @@ class SparseProcessorMixin:
             return None
         if runtime.dense_reason(attn, self.config, n_video) is not None:
             return None
-        return VideoLayout(*grid, text_len=text_len, text_position="before" if text_position == "before" else "after")
+        return VideoLayout(*grid, text_len=text_len, text_position=position)
+
+    def prepared_plan(self, attn: torch.nn.Module, layout: VideoLayout, device: torch.device) -> BlockPlan | None:
+        """The static plan the root hook built for this call's ``layout`` on ``device``, or None.
+
+        ``layout`` must be the prepared layout itself (the one :meth:`sparse_layout` returns when compiling), not an
+        equal one: in a frame Dynamo resumes after a graph break, the layouts' sizes may be symbolic (automatic
+        dynamic shapes, after a second resolution), and Dynamo cannot compare such dataclasses with ``!=``.
+        """
+        call = self.prepared_call(attn)
+        if call is None or call.plan is None or call.layout is not layout or call.plan.device != device:
+            return None
+        return call.plan
 
     def sparse_attention(
         self,
@@ -425,7 +469,11 @@ class SparseProcessorMixin:
         runtime = self.runtime_of(attn)
 
         def attend(q, k, v, padding_mask, head_offset, num_heads):
-            plan = runtime.plan(attn, self.config, q, k, layout, head_offset=head_offset, num_heads=num_heads)
+            plan = None
+            if torch.compiler.is_compiling() and head_offset == 0 and num_heads == q.shape[2]:
+                plan = self.prepared_plan(attn, layout, q.device)  # static: built by the root hook
+            if plan is None:  # eager, or a dynamic method: plan here (compiled, a graph break)
+                plan = runtime.plan(attn, self.config, q, k, layout, head_offset=head_offset, num_heads=num_heads)
             return block_sparse_attention(
                 q,
                 k,

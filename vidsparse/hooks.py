@@ -23,6 +23,11 @@ stateful :class:`~diffusers.hooks.ModelHook` on each transformer (the *root hook
 
 Both transformers of a Wan 2.2 two-expert pipeline share one :class:`SparseRuntime` and one ``StateManager``, so the
 step count continues when the pipeline switches experts.
+
+For ``torch.compile``, the hook also decides every sparse module's call before the transformer runs, and builds the
+static methods' plans (:class:`LayerCall`, published on each module): under regional compilation (the blocks
+compiled, the transformer's forward and this hook eager) a compiled processor reads them instead of deciding and
+planning itself, so its graph holds no Python state, no guard on the step or the layer, and no graph break.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ import torch
 from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
 
 from .config import SparseConfig, resolve_step_count
+from .kernels.dispatch import resolve_backend
+from .kernels.registry import get_executor
 from .layout import VideoLayout
-from .methods import PlanContext, build_plan
+from .methods import PlanContext, build_plan, get_method
 from .plan import BlockPlan
 
 if TYPE_CHECKING:
@@ -105,6 +112,55 @@ class CallRecord:
     text_tokens: int = 0
 
 
+@dataclass(eq=False)
+class LayerCall:
+    """The root hook's decision for one sparse attention module in the transformer call in progress.
+
+    Prepared by :meth:`SparseRuntime.prepare_layers` before the transformer runs and published on the module as
+    ``_vidsparse_call``. Under regional compilation (``compile_repeated_blocks``) the root hook runs outside the
+    compiled blocks, so a compiled processor reads its decision and plan from here instead of making them: deciding
+    reads the step counter and the layer index, and a Python int read inside a compiled region is a guard on its
+    value (a recompilation per step, and per layer: every block shares one compiled code object); planning is Python
+    over the layout. Everything a compiled processor reads here is the same for every layer and step of the steady
+    path (``sparse``, ``num_video_tokens``, ``layout``, the static ``plan``), so one graph serves them all.
+
+    Eager processors decide and plan as before, record their own statistics and mark the call ``handled``; the root
+    hook records, after the forward, the calls nobody handled: those of compiled processors.
+
+    Attributes:
+        config: The config it was decided for (a processor with another config ignores it).
+        layer: Layer index of the module.
+        grid: Latent grid of the call.
+        num_video_tokens: Video tokens of the grid.
+        sparse: The call runs sparse (the one value the compiled processor branches on).
+        reason: Why it runs dense (None when sparse), for the statistics.
+        layout: The sparse call's layout when the family's adapter knows the text length before the forward
+            (video-only families: none); None otherwise (the processor builds it).
+        plan: A static method's plan for ``layout`` on the forward's device; None for dynamic methods (they plan
+            from q and k, in the processor) or without a layout.
+        plan_ms: Time spent building (or fetching from the geometry cache) ``plan``.
+        handled: An eager processor dealt with the call (recorded it, or ran the stock path).
+    """
+
+    config: SparseConfig
+    layer: int
+    grid: tuple[int, int, int]
+    num_video_tokens: int
+    sparse: bool
+    reason: str | None
+    layout: VideoLayout | None = None
+    plan: BlockPlan | None = None
+    plan_ms: float = 0.0
+    handled: bool = False
+
+
+def mark_handled(attn: torch.nn.Module) -> None:
+    """Note that an eager processor dealt with ``attn``'s call itself (see :class:`LayerCall`)."""
+    call = getattr(attn, "_vidsparse_call", None)
+    if call is not None:
+        call.handled = True
+
+
 class SparseRuntime:
     """Shared state of one :func:`vidsparse.apply` handle: config, step state, per-layer stores, call statistics.
 
@@ -135,6 +191,7 @@ class SparseRuntime:
         self.stores: dict[tuple[int, int, str], dict[str, Any]] = {}  # (model, layer, context) -> store
         self.shared_stores: dict[tuple[int, int], dict[str, Any]] = {}  # (model, layer) -> store of all contexts
         self.record_stats = True
+        self._prepared: list[tuple[torch.nn.Module, LayerCall]] = []  # this transformer call's (module, decision)
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def reset(self) -> None:
@@ -231,6 +288,128 @@ class SparseRuntime:
         if own_context:
             self._own_ctx = None
 
+    # ----------------------------------------------------------------------------------- prepared decisions
+    def prepare_layers(
+        self,
+        layers: list[tuple[torch.nn.Module, SparseConfig | None]],
+        *,
+        text_len: int | None,
+        device: torch.device | None,
+        batch: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Decide every sparse module's call (and build static plans) before the transformer runs; see LayerCall.
+
+        Called by the root hook after :meth:`begin_call`. Each module gets ``_vidsparse_call``: its
+        :class:`LayerCall`, or None where nothing can be decided yet (no grid, or a processor without a config).
+
+        Args:
+            layers: ``(module, config of its processor)`` for every sparse attention module of the transformer.
+            text_len: Text tokens in the self-attention sequence when known before the forward (0 for video-only
+                families), else None: layouts and plans are then left to the processors.
+            device: The forward's device, where static plans are built (None: left to the processors).
+            batch, dtype: The attention's batch size and dtype when known: the executor that will run a static
+                plan builds what it caches on it for that shape (``Executor.prepare``; ``gather``'s schedule).
+        """
+        self._prepared = []
+        info = self.current
+        layouts: dict[int, VideoLayout] = {}  # id(config) -> the call's layout, one object for all its layers
+        prepared_executors: set[tuple[int, int | None]] = set()  # (id(config), heads) done in this call
+        for module, config in layers:
+            call = None
+            if info is not None and info.grid is not None and config is not None:
+                call = self._prepare_layer(info, module._vidsparse_layer, config, text_len, device, layouts)
+                heads = getattr(module, "heads", None)
+                if call.plan is not None and batch is not None and (id(config), heads) not in prepared_executors:
+                    prepared_executors.add((id(config), heads))
+                    self._prepare_executor(config, call.plan, batch, heads, dtype, info.training)
+                self._prepared.append((module, call))
+            module._vidsparse_call = call
+
+    def _prepare_layer(
+        self,
+        info: CallInfo,
+        layer: int,
+        config: SparseConfig,
+        text_len: int | None,
+        device: torch.device | None,
+        layouts: dict[int, VideoLayout],
+    ) -> LayerCall:
+        grid = info.grid
+        n_video = grid[0] * grid[1] * grid[2]
+        reason = self.decide(info, config, layer, n_video)
+        call = LayerCall(config, layer, grid, n_video, reason is None, reason)
+        if reason is not None or text_len is None:
+            return call
+        call.layout = layouts.setdefault(id(config), VideoLayout(*grid, text_len=text_len))
+        if device is not None and get_method(config.method).static:
+            # Per layer, as the processor would (a geometry-cache hit after the first): plan_ms keeps its meaning.
+            start = time.perf_counter()
+            try:
+                call.plan = build_plan(config, None, None, call.layout, device=device)
+            except Exception:
+                # Whatever is wrong with this geometry, the processor raises it where it would without this
+                # preparation (or never, when its call turns out dense), so the forward behaves the same.
+                call.plan = None
+            call.plan_ms = (time.perf_counter() - start) * 1000
+        return call
+
+    @staticmethod
+    def _prepare_executor(
+        config: SparseConfig, plan: BlockPlan, batch: int, heads: int | None, dtype: torch.dtype | None, grad: bool
+    ) -> None:
+        """Let the executor that will run ``plan`` build what it caches on it (see ``Executor.prepare``)."""
+        if not isinstance(heads, int):
+            return
+        try:
+            spec = get_executor(resolve_backend(config.backend, plan.device, dtype, needs_grad=grad))
+            if spec.prepare is not None:
+                spec.prepare(plan, batch, heads, grad)
+        except Exception:
+            # Only a head start: whatever fails here fails again, and is raised, where the executor runs.
+            return
+
+    def record_prepared(self) -> None:
+        """Record the prepared calls that no eager processor handled (compiled processors'), and unpublish them.
+
+        The records are those the eager processors would have made: a dense call with its reason, a sparse call
+        with its plan's density and planning time. A compiled processor that fell back to the stock path for a
+        reason only it could see (a sequence that does not match the grid, which warns) is recorded as decided.
+        """
+        info = self.current
+        for module, call in self._prepared:
+            if getattr(module, "_vidsparse_call", None) is call:
+                module._vidsparse_call = None
+            if call.handled or info is None or not self.record_stats:
+                continue
+            if call.sparse and call.plan is None:
+                continue  # no plan to describe (its processor would have planned, and recorded, itself)
+            if not call.sparse:
+                record = CallRecord(
+                    info.model_index,
+                    call.layer,
+                    info.step,
+                    info.context,
+                    False,
+                    call.reason,
+                    tokens=call.num_video_tokens,
+                )
+            else:
+                record = CallRecord(
+                    info.model_index,
+                    call.layer,
+                    info.step,
+                    info.context,
+                    True,
+                    "sparse",
+                    call.plan.mean_density,
+                    call.plan_ms,
+                    call.num_video_tokens,
+                    call.layout.text_len,
+                )
+            self.records.append(record)
+        self._prepared = []
+
     # ------------------------------------------------------------------------------------------ decisions
     def call_info(self, attn: torch.nn.Module) -> CallInfo:
         """The info of the call in progress; raises when the root hook is missing."""
@@ -241,32 +420,37 @@ class SparseRuntime:
             )
         return self.current
 
+    @staticmethod
+    def decide(info: CallInfo, config: SparseConfig, layer: int, num_video_tokens: int) -> str | None:
+        """Why a self-attention call of ``layer`` runs dense under ``config`` (``None``: it runs sparse).
+
+        The rules, first match: ``dense_layers``, ``dense_steps``, ``dense_last_steps`` (not for training calls),
+        ``dense_above_timestep``, ``min_tokens``. Pure: records nothing.
+        """
+        if layer < config.dense_layers:
+            return "dense_layers"
+        ns = info.num_steps
+        if not info.training and info.step < resolve_step_count(config.dense_steps, ns):
+            return "dense_steps"
+        if not info.training and ns is not None and info.step >= ns - resolve_step_count(config.dense_last_steps, ns):
+            return "dense_last_steps"
+        if (
+            config.dense_above_timestep is not None
+            and info.timestep is not None
+            and info.timestep > config.dense_above_timestep
+        ):
+            return "dense_above_timestep"
+        if num_video_tokens < config.min_tokens:
+            return "min_tokens"
+        return None
+
     @torch.compiler.disable
     def dense_reason(self, attn: torch.nn.Module, config: SparseConfig, num_video_tokens: int) -> str | None:
         """Why this self-attention call runs dense (``None``: it runs sparse). Records dense calls."""
         info = self.call_info(attn)
         layer = attn._vidsparse_layer
-        reason = None
-        if layer < config.dense_layers:
-            reason = "dense_layers"
-        else:
-            ns = info.num_steps
-            if not info.training and info.step < resolve_step_count(config.dense_steps, ns):
-                reason = "dense_steps"
-            elif (
-                not info.training
-                and ns is not None
-                and info.step >= ns - resolve_step_count(config.dense_last_steps, ns)
-            ):
-                reason = "dense_last_steps"
-            elif (
-                config.dense_above_timestep is not None
-                and info.timestep is not None
-                and info.timestep > config.dense_above_timestep
-            ):
-                reason = "dense_above_timestep"
-            elif num_video_tokens < config.min_tokens:
-                reason = "min_tokens"
+        reason = self.decide(info, config, layer, num_video_tokens)
+        mark_handled(attn)
         if reason is not None and self.record_stats:
             self.records.append(
                 CallRecord(info.model_index, layer, info.step, info.context, False, reason, tokens=num_video_tokens)
@@ -313,10 +497,25 @@ class SparseRuntime:
             head_offset=head_offset,
             num_heads=num_heads,
         )
-        start = time.perf_counter()
-        plan = build_plan(config, q, k, layout, ctx)
-        if local_heads != num_heads and plan.kv_num.shape[1] == num_heads:
-            plan = plan.select_heads(head_offset, head_offset + local_heads)
+        prepared = getattr(attn, "_vidsparse_call", None)
+        mark_handled(attn)
+        if (
+            prepared is not None
+            and prepared.plan is not None
+            and prepared.config is config
+            and prepared.layout == layout
+            and local_heads == num_heads
+            and prepared.plan.device == q.device
+        ):
+            # The root hook built this static plan before the forward (the geometry cache's plan): its time is
+            # what planning cost.
+            plan, plan_ms = prepared.plan, prepared.plan_ms
+        else:
+            start = time.perf_counter()
+            plan = build_plan(config, q, k, layout, ctx)
+            if local_heads != num_heads and plan.kv_num.shape[1] == num_heads:
+                plan = plan.select_heads(head_offset, head_offset + local_heads)
+            plan_ms = (time.perf_counter() - start) * 1000
         if self.record_stats:
             self.records.append(
                 CallRecord(
@@ -327,7 +526,7 @@ class SparseRuntime:
                     True,
                     "sparse",
                     plan.mean_density,
-                    (time.perf_counter() - start) * 1000,
+                    plan_ms,
                     layout.num_video_tokens,
                     layout.text_len,
                 )
@@ -391,6 +590,7 @@ class VidSparseRootHook(ModelHook):
         self.adapter = adapter
         self.model_index = model_index
         self._own_context = False  # pre_forward set the context itself (transformer calls never nest)
+        self._modules: list[torch.nn.Module] | None = None  # the sparse attention modules, found at the first call
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict]:
@@ -404,11 +604,36 @@ class VidSparseRootHook(ModelHook):
         parallel_config = getattr(module, "_parallel_config", None)
         training = module.training and torch.is_grad_enabled()  # pipelines run under no_grad: never training
         self._own_context = self.runtime.begin_call(self.model_index, grid, timestep, parallel_config, training)
+        hidden_states = self.adapter.hidden_states_from_forward(module, args, kwargs)
+        known = isinstance(hidden_states, torch.Tensor)
+        self.runtime.prepare_layers(
+            [(m, self._config_of(m)) for m in self._sparse_modules(module)],
+            text_len=self.adapter.text_len_from_forward(module, args, kwargs),
+            device=hidden_states.device if known else None,
+            batch=hidden_states.shape[0] if known else None,
+            dtype=getattr(module, "dtype", None),  # a diffusers model's parameters' dtype: the attention's
+        )
         return args, kwargs
+
+    def _sparse_modules(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """The transformer's attention modules tagged with this hook's runtime (found once)."""
+        if self._modules is None:
+            self._modules = [
+                m
+                for _, m, _ in self.adapter.attention_modules(module)
+                if getattr(m, "_vidsparse_runtime", None) is self.runtime
+            ]
+        return self._modules
+
+    def _config_of(self, attn: torch.nn.Module) -> SparseConfig | None:
+        """The config of the vidsparse processor on ``attn`` (read per call: ``attach`` users may swap them)."""
+        config = getattr(self.adapter.get_processor(attn), "config", None)
+        return config if isinstance(config, SparseConfig) else None
 
     @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        """Clear a default context set in :meth:`pre_forward`."""
+        """Record the calls of compiled processors; clear a default context set in :meth:`pre_forward`."""
+        self.runtime.record_prepared()
         self.runtime.end_call(self._own_context)
         self._own_context = False
         return output

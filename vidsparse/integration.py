@@ -21,7 +21,7 @@ from .methods import ModelInfo, get_method, make_config
 
 #: Pipeline attributes that hold denoising transformers (Wan 2.2 A14B has two experts).
 TRANSFORMER_ATTRIBUTES: tuple[str, ...] = ("transformer", "transformer_2")
-_TAGS = ("_vidsparse_runtime", "_vidsparse_layer", "_vidsparse_model")
+_TAGS = ("_vidsparse_runtime", "_vidsparse_layer", "_vidsparse_model", "_vidsparse_call")
 
 
 def transformers_of(pipe_or_transformer: Any) -> list[torch.nn.Module]:

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 
+#: Where :attr:`BlockPlan.inv_perm` is cached on a plan (the frozen dataclass's ``__dict__``).
+_INV_PERM_CACHE = "_inv_perm"
+
+
 def num_blocks(seq_len: int, block_size: int) -> int:
     """ceil(seq_len / block_size): blocks needed to cover ``seq_len`` tokens (the last may be partial)."""
     return -(-seq_len // block_size)
@@ -95,13 +99,23 @@ class BlockPlan:
         """Device of the index tensors."""
         return self.kv_idx.device
 
-    @cached_property
+    @property
     def inv_perm(self) -> torch.Tensor | None:
-        """int64 ``[S]``: original token ``n`` sits at plan position ``inv_perm[n]`` (``None`` without perm)."""
+        """int64 ``[S]``: original token ``n`` sits at plan position ``inv_perm[n]`` (``None`` without perm).
+
+        Computed once per plan and cached on it, outside ``torch.compile``; a compiled graph computes it instead (one
+        scatter of ``S`` indices). Not a ``functools.cached_property``: Python 3.11's takes a lock, which Dynamo cannot
+        trace (a graph break in every executor call of a plan with a permutation).
+        """
         if self.perm is None:
             return None
+        compiling = torch.compiler.is_compiling()
+        if not compiling and _INV_PERM_CACHE in self.__dict__:
+            return self.__dict__[_INV_PERM_CACHE]
         inv = torch.empty_like(self.perm)
         inv[self.perm] = torch.arange(self.seq_len, device=self.perm.device)
+        if not compiling:
+            self.__dict__[_INV_PERM_CACHE] = inv
         return inv
 
     def to(self, device: torch.device | str) -> BlockPlan:
