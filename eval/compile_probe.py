@@ -118,15 +118,17 @@ class CompileCounter:
                 counts.compiles += 1
             else:
                 counts.recompiles += 1
-                counts.recompile_reasons.append((metrics.recompile_reason or "").strip().splitlines()[0][:200])
+                reason = (metrics.recompile_reason or "").strip().splitlines() or ["(no reason recorded)"]
+                counts.recompile_reasons.append(reason[0][:200])
         self.counts = counts
+        utils.set_compilation_metrics_limit(utils.DEFAULT_COMPILATION_METRICS_LIMIT)
 
 
 def compile_regions(transformer: torch.nn.Module, **compile_kwargs: Any) -> None:
     """Regional compilation: compile every repeated block of ``transformer`` in place (its forward stays eager).
 
-    ``compile_repeated_blocks`` where diffusers has it (0.35 and later), else ``block.compile()`` for every module
-    whose class is in the model's ``_repeated_blocks``.
+    ``compile_repeated_blocks`` where the installed diffusers has it, else ``block.compile()`` for every module whose
+    class is in the model's ``_repeated_blocks``.
     """
     if hasattr(transformer, "compile_repeated_blocks"):
         transformer.compile_repeated_blocks(**compile_kwargs)

@@ -395,6 +395,11 @@ class SparseProcessorMixin:
         does not match the grid the root hook saw (then a warning, once per shape: vidsparse never guesses). Under
         context parallelism ``seq_len`` is this rank's shard, compared with this rank's share of the grid.
 
+        Inside a compiled region (``torch.compile``) the root hook's decision for this call is taken as it is
+        (:class:`~vidsparse.hooks.LayerCall`: the same rules, applied before the forward), and its layout returned
+        itself, so that :meth:`sparse_attention` finds the static plan built with it; eagerly, the call decides and
+        records as always.
+
         Args:
             attn: The attention module.
             seq_len: Tokens in the attention sequence (video + text); this rank's shard under context parallelism.
