@@ -74,7 +74,7 @@ def parse_arm(text: str) -> Arm:
 
 def check_arms(arms: Sequence[Arm], reference: str) -> None:
     """Refuse, before loading anything: fewer than two arms, repeated names, a missing LoRA, an unknown reference."""
-    from vidsparse.pipelines.finetune import check_lora_folder
+    from vidsparse.pipelines.training.finetune import check_lora_folder
 
     if len(arms) < 2:
         raise ValueError(f"--arm was given {len(arms)} time(s); a comparison needs at least two arms.")
@@ -137,8 +137,8 @@ def compare_arms(
         ratio, metrics against the reference, training summary) and each arm's clips (float ``[T, H, W, 3]``).
     """
     import vidsparse
-    from vidsparse.pipelines.finetune import load_lora
-    from vidsparse.pipelines.shapes import load_shapes_pipeline
+    from vidsparse.pipelines.offline.shapes import load_shapes_pipeline
+    from vidsparse.pipelines.training.finetune import load_lora
 
     from .metrics import compare_frames, get_lpips_metric
 

@@ -63,9 +63,9 @@ def bench_train(
     from transformers.utils import logging as transformers_logging
 
     from vidsparse.methods import parse_method_spec
-    from vidsparse.pipelines import finetune as F
-    from vidsparse.pipelines.shapes import load_shapes_pipeline
-    from vidsparse.pipelines.tiny import default_model_name, defaults_for
+    from vidsparse.pipelines.offline.shapes import load_shapes_pipeline
+    from vidsparse.pipelines.offline.tiny import default_model_name, defaults_for
+    from vidsparse.pipelines.training import finetune as F
 
     if rounds < 1:
         raise ValueError(f"rounds={rounds} is invalid: expected an integer >= 1.")
@@ -142,6 +142,6 @@ def bench_train(
 
 
 def _log(folder: Path) -> list[dict[str, Any]]:
-    from vidsparse.pipelines.finetune import LOG_NAME
+    from vidsparse.pipelines.training.finetune import LOG_NAME
 
     return [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]

@@ -192,7 +192,7 @@ def _pipeline(method: str, executor: str | None, tiny: str) -> Iterator[tuple[An
     """
     import vidsparse
     from vidsparse import methods
-    from vidsparse.pipelines import tiny as tiny_pipelines
+    from vidsparse.pipelines.offline import tiny as tiny_pipelines
 
     methods._STATIC_CACHE.clear()
     pipe = tiny_pipelines.build(tiny)

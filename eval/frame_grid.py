@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .video_io import to_uint8_frames
+from vidsparse.video_io import to_uint8_frames
 
 
 def frame_grid(clips: list[np.ndarray], columns: int = 8, *, gap: int = 2) -> np.ndarray:

@@ -40,6 +40,7 @@ import torch
 from vidsparse.config import SparseConfig
 from vidsparse.integration import apply
 from vidsparse.methods import parse_method_spec
+from vidsparse.video_io import to_uint8_frames, write_video
 
 from .out_dir import record as record_files
 from .results import (
@@ -55,7 +56,6 @@ from .results import (
 )
 from .specs import MethodRun
 from .timing import AttentionTimer, synchronize
-from .video_io import to_uint8_frames, write_video
 
 #: Built-in prompts of ``vidsparse eval`` (``--prompts FILE`` replaces them): simple scenes the embedded models know.
 DEFAULT_PROMPTS: tuple[str, ...] = (

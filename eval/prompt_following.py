@@ -1,7 +1,8 @@
 """Prompt following and temporal consistency of clips of the shapes model, checked without a learned metric.
 
 The shipped ``tiny-shapes`` model draws one coloured shape moving over a background (the procedural clips of
-:mod:`vidsparse.eval.procedural`). Its prompts name a colour and a motion, so a clip can be checked without a
+:mod:`vidsparse.pipelines.offline.procedural`). Its prompts name a colour and a motion, so a clip can be checked
+without a
 learned metric: track the pixels of the prompted colour, then read the motion off their centre.
 
 - :func:`prompt_following`: the prompted colour is visible at the start and the end, and its centre travels the
@@ -33,9 +34,9 @@ def colour_hits(frames: np.ndarray, colour: str) -> np.ndarray:
 
     Args:
         frames: float ``[T, H, W, 3]`` in [0, 1].
-        colour: A key of :data:`vidsparse.eval.procedural.SHAPE_COLORS`.
+        colour: A key of :data:`vidsparse.pipelines.offline.procedural.SHAPE_COLORS`.
     """
-    from vidsparse.eval.procedural import SHAPE_COLORS
+    from vidsparse.pipelines.offline.procedural import SHAPE_COLORS
 
     if colour not in SHAPE_COLORS:
         raise ValueError(f"colour={colour!r} is unknown; expected one of {', '.join(SHAPE_COLORS)}.")
@@ -59,7 +60,7 @@ def prompt_following(frames: np.ndarray, colour: str, direction: str) -> dict[st
 
     Args:
         frames: float ``[T, H, W, 3]`` in [0, 1].
-        colour: A key of :data:`vidsparse.eval.procedural.SHAPE_COLORS`.
+        colour: A key of :data:`vidsparse.pipelines.offline.procedural.SHAPE_COLORS`.
         direction: "left", "right", "up" or "down".
 
     Returns:
@@ -82,7 +83,7 @@ def temporal_consistency(frames: np.ndarray, colour: str) -> dict[str, float]:
 
     Args:
         frames: float ``[T, H, W, 3]`` in [0, 1], T >= 2.
-        colour: The prompted shape colour (a key of :data:`vidsparse.eval.procedural.SHAPE_COLORS`).
+        colour: The prompted shape colour (a key of :data:`vidsparse.pipelines.offline.procedural.SHAPE_COLORS`).
 
     Returns:
         ``{"visible_frames": fraction of frames with the shape visible, "max_jump_px": the largest move of its

@@ -1,6 +1,6 @@
 """Sparse-vs-dense quality of every method on one pipeline: the measurement behind the quality regression test.
 
-    from vidsparse.pipelines.shapes import load_shapes_pipeline
+    from vidsparse.pipelines.offline.shapes import load_shapes_pipeline
     pipe = load_shapes_pipeline()
     rows = method_psnrs(pipe, density=0.5, num_inference_steps=3)   # [{"method", "config", "psnr_db", ...}]
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print :func:`method_psnrs` of the shipped shapes model (``--steps N``, default 3) as JSON."""
     import argparse
 
-    from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
+    from vidsparse.pipelines.offline.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of each render")

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidsparse.video_io import default_file_mode
+
 from .metrics import json_ready
-from .video_io import default_file_mode
 
 #: Identifies run files and their layout; bump the version when the layout changes incompatibly.
 RUN_SCHEMA = "vidsparse.eval.run"

@@ -1,6 +1,6 @@
 """Load the pipeline a ``--model`` names: the library's one loader (the CLI, the eval harness and scripts use it).
 
-``tiny-<name>`` builds an offline pipeline of the real diffusers classes (:mod:`vidsparse.pipelines.tiny`);
+``tiny-<name>`` builds an offline pipeline of the real diffusers classes (:mod:`vidsparse.pipelines.offline.tiny`);
 anything else goes to diffusers' ``DiffusionPipeline.from_pretrained`` (a local folder or the user's cache).
 """
 
@@ -31,7 +31,7 @@ def load_pipeline(
     Returns:
         ``(pipeline, name)`` with the pipeline on ``device`` in ``dtype``.
     """
-    from vidsparse.pipelines import tiny
+    from vidsparse.pipelines.offline import tiny
 
     if model is None:
         model = f"tiny-{tiny.default_model_name()}"
@@ -52,7 +52,7 @@ def load_pipeline(
                 f"{', '.join('tiny-' + name for name in tiny.tiny_names())}."
             ) from err
     if lora is not None:
-        from vidsparse.pipelines.finetune import load_lora
+        from vidsparse.pipelines.training.finetune import load_lora
 
         load_lora(pipe, lora)
     pipe.to(device=device)

@@ -25,8 +25,8 @@ from vidsparse.layout import VideoLayout
 from vidsparse.methods import get_method, make_config, method_names
 from vidsparse.plan import finalize_plan, num_blocks
 
-from .tiny import TinySpec, build, get_spec
-from .tiny import tiny_names as all_tiny_names
+from .offline.tiny import TinySpec, build, get_spec
+from .offline.tiny import tiny_names as all_tiny_names
 
 #: Method options for tiny geometries (a few hundred video tokens: 5-8 blocks of 64), keyed by method name. Methods
 #: not listed get only the shared defaults of :func:`tiny_method_config`.
@@ -240,7 +240,7 @@ def support_matrix(
     """:func:`check_support` for every (tiny pipeline, method): one tiny generation each.
 
     Args:
-        tiny_names: Tiny pipelines (default: all of them, :func:`~vidsparse.pipelines.tiny.tiny_names`).
+        tiny_names: Tiny pipelines (default: all of them, :func:`~vidsparse.pipelines.offline.tiny.tiny_names`).
         methods: Method names (default: all registered).
         steps: Denoising steps per generation.
         seed: Weights and noise seed.

@@ -21,7 +21,7 @@ import torch
 import vidsparse
 import vidsparse.methods as registry
 from vidsparse.config import SparseConfig
-from vidsparse.pipelines import tiny
+from vidsparse.pipelines.offline import tiny
 from vidsparse.plan import finalize_plan, num_blocks
 
 # 17 frames x 128 x 192 px -> 5 x 8 x 12 = 480 latent tokens (8 blocks of 64), split 240 / 240 over 2 ranks.

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from vidsparse.eval import procedural
 from vidsparse.eval.arms import Arm, check_arms, compare_arms, parse_arm
 from vidsparse.eval.prompt_following import FOLLOWING, prompt_following, temporal_consistency
+from vidsparse.pipelines.offline import procedural
 
 
 def moving_clip(direction: str, frames: int = 9) -> np.ndarray:

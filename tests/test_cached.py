@@ -22,7 +22,7 @@ from vidsparse.methods.cached import (
     unpack_bits,
     video_qk,
 )
-from vidsparse.pipelines import tiny
+from vidsparse.pipelines.offline import tiny
 from vidsparse.plan import num_blocks
 
 # ------------------------------------------------------------------------------------------------------ config

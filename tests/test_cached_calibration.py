@@ -26,7 +26,7 @@ from vidsparse.methods.cached_patterns import (
     load_patterns,
     pattern_masks,
 )
-from vidsparse.pipelines import tiny
+from vidsparse.pipelines.offline import tiny
 from vidsparse.pipelines.wan import WanSparseAttnProcessor
 from vidsparse.plan import finalize_plan
 

@@ -236,7 +236,7 @@ def test_apply_on_a_compiled_wrapper_says_what_to_do():
     import torch
 
     import vidsparse
-    from vidsparse.pipelines import tiny
+    from vidsparse.pipelines.offline import tiny
 
     compiled = torch.compile(tiny.build("wan").transformer)  # compiles nothing until called
     with pytest.raises(TypeError, match=r"OptimizedModule\) of WanTransformer3DModel: apply vidsparse before"):

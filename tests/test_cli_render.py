@@ -7,7 +7,7 @@ import time
 import pytest
 
 from vidsparse.cli import main
-from vidsparse.eval.video_io import read_frames
+from vidsparse.video_io import read_frames
 
 
 def test_render_default_subprocess_under_two_minutes(tmp_path):
@@ -24,7 +24,7 @@ def test_render_default_subprocess_under_two_minutes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "measured density" in proc.stdout and "wrote" in proc.stdout
     frames = read_frames(out)
-    from vidsparse.pipelines.tiny import default_model_name, defaults_for
+    from vidsparse.pipelines.offline.tiny import default_model_name, defaults_for
 
     spec = defaults_for(f"tiny-{default_model_name()}")
     assert frames.shape == (spec.frames, spec.height, spec.width, 3)
@@ -63,7 +63,7 @@ def test_render_requested_frames_and_gif(tmp_path, capsys):
 
 
 def test_render_local_saved_model(tmp_path):
-    from vidsparse.pipelines import tiny
+    from vidsparse.pipelines.offline import tiny
 
     folder = tmp_path / "saved"
     tiny.build("wan").save_pretrained(folder)

@@ -16,7 +16,7 @@ import torch
 from vidsparse import cli
 from vidsparse.eval import lpips_weights as lw
 from vidsparse.eval import metrics
-from vidsparse.eval.video_io import read_frames, write_video
+from vidsparse.video_io import read_frames, write_video
 
 EXAMPLES = Path(__file__).parent / "data" / "lpips-examples"
 

@@ -345,7 +345,7 @@ def test_registered_and_reachable_from_the_public_api():
 
 # ------------------------------------------------------------------------------------------------ integration
 def test_apply_on_tiny_wan_runs_draft_with_its_warm_up():
-    from vidsparse.pipelines import tiny
+    from vidsparse.pipelines.offline import tiny
 
     pipe = tiny.build("wan")
     pipe.set_progress_bar_config(disable=True)

@@ -20,7 +20,7 @@ from vidsparse.eval.metrics import LpipsMetric
 from vidsparse.eval.report import REFERENCE_LABEL, build_report
 from vidsparse.eval.results import load_run, run_path
 from vidsparse.eval.specs import expand_methods
-from vidsparse.eval.video_io import read_frames
+from vidsparse.video_io import read_frames
 
 GEOMETRY = Geometry(frames=5, height=128, width=128, steps=2, guidance_scale=5.0)
 METHODS = ["window:window=0", "dense", "boom", "interrupt"]

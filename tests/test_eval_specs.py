@@ -11,8 +11,8 @@ from vidsparse.eval.harness import EvalJob, Geometry, plan_jobs, side_by_side
 from vidsparse.eval.report import pareto_front
 from vidsparse.eval.results import load_run, run_path, write_json_atomic
 from vidsparse.eval.specs import canonical_spec, default_methods, expand_methods, targets_density
-from vidsparse.eval.video_io import default_file_mode
 from vidsparse.methods import method_names, parse_method_spec
+from vidsparse.video_io import default_file_mode
 
 
 @pytest.fixture

@@ -313,7 +313,7 @@ def test_models_markdown_matrix_is_measured(capsys, tmp_path):
 
 
 def test_render_tiny_ltx(tmp_path, capsys):
-    from vidsparse.eval.video_io import read_frames
+    from vidsparse.video_io import read_frames
 
     out = tmp_path / "ltx.mp4"
     code = main(["render", "--model", "tiny-ltx", "--steps", "1", "--method", "window", "--out", str(out)])

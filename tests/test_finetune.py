@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from vidsparse.cli import main
-from vidsparse.eval.video_io import read_frames
 from vidsparse.methods import make_config
-from vidsparse.pipelines import finetune as F
-from vidsparse.pipelines import train_tiny
-from vidsparse.pipelines.shapes import load_shapes_pipeline
+from vidsparse.pipelines.offline.shapes import load_shapes_pipeline
+from vidsparse.pipelines.training import finetune as F
+from vidsparse.pipelines.training import train_tiny
+from vidsparse.video_io import read_frames
 
 # 9 frames of 32x32: 5 latent frames x 8 x 8 tokens (4x4 pixels each) = 320 tokens, one block of 64 per latent
 # frame: radial at 0.25 keeps a quarter of the block pairs (measured).

@@ -25,7 +25,7 @@ def test_self_only_attention_is_all_at_distance_zero():
 
 
 def test_pipeline_run_records_every_layer():
-    from vidsparse.pipelines.tiny import build
+    from vidsparse.pipelines.offline.tiny import build
 
     pipe = build("wan")
     pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from vidsparse.eval import metrics
 from vidsparse.eval.lpips_weights import LpipsUnavailable, random_backbone_model
-from vidsparse.eval.video_io import read_frames
+from vidsparse.video_io import read_frames
 
 
 def _random_frames(seed: int, shape=(3, 24, 32, 3)) -> np.ndarray:

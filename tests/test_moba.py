@@ -26,7 +26,7 @@ from vidsparse.methods.moba import (
     select_threshold,
     select_topk,
 )
-from vidsparse.pipelines import tiny
+from vidsparse.pipelines.offline import tiny
 from vidsparse.plan import BlockPlan
 
 # A ragged geometry: 315 video tokens (5 blocks, the last partial); none of the chunk shapes below divide it.

@@ -159,7 +159,7 @@ def test_suite_cli_layer_and_oracle_columns(tmp_path, capsys):
 
 def test_oracle_runs_in_a_pipeline():
     """``vidsparse.apply(pipe, "oracle")`` plans every sparse call from that call's exact attention."""
-    from vidsparse.pipelines import tiny
+    from vidsparse.pipelines.offline import tiny
     from vidsparse.pipelines.support import generate
 
     name = "wan"  # a tiny Wan 2.1 built in memory

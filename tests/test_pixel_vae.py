@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vidsparse.pipelines.pixel_vae import PixelShuffleVAE
+from vidsparse.pipelines.offline.pixel_vae import PixelShuffleVAE
 
 
 def test_encode_decode_is_exact_and_follows_wan_frame_layout():

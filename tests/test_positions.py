@@ -1,9 +1,9 @@
-"""Absolute position features of the shapes transformer (vidsparse.pipelines.positions)."""
+"""Absolute position features of the shapes transformer (vidsparse.pipelines.offline.positions)."""
 
 import pytest
 import torch
 
-from vidsparse.pipelines import positions as P
+from vidsparse.pipelines.offline import positions as P
 
 
 def test_table_shape_and_resolution_free_spatial_features():

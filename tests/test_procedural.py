@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vidsparse.eval import procedural as P
+from vidsparse.pipelines.offline import procedural as P
 
 
 def test_same_seed_same_clip_and_caption():
@@ -50,7 +50,7 @@ def test_grows_and_shrinks_change_area():
 
 
 def test_caption_grammar_and_vocabulary():
-    from vidsparse.pipelines.text import DEFAULT_VOCABULARY
+    from vidsparse.pipelines.offline.text import DEFAULT_VOCABULARY
 
     spec = P.ClipSpec(
         shapes=(P.ShapeSpec("circle", "orange", "moves left", 0.5, 0.5, 0.1, 0.0, 0.01),),

@@ -278,7 +278,7 @@ def test_plan_command_prints_density_and_draws_png(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ pipelines
 def test_apply_on_tiny_wan_uses_warm_up_and_hits_density():
-    from vidsparse.pipelines import tiny
+    from vidsparse.pipelines.offline import tiny
 
     pipe = tiny.build("wan")
     pipe.set_progress_bar_config(disable=True)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vidsparse.pipelines import shapes
-from vidsparse.pipelines.tiny import TINY_PIPELINES, get_spec
+from vidsparse.pipelines.offline import shapes
+from vidsparse.pipelines.offline.tiny import TINY_PIPELINES, get_spec
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_weights_ship_inside_the_package_and_stay_small():
 def test_loads_offline_with_from_pretrained(pipe, monkeypatch):
     from diffusers import WanPipeline, WanTransformer3DModel
 
-    from vidsparse.pipelines.pixel_vae import PixelShuffleVAE
+    from vidsparse.pipelines.offline.pixel_vae import PixelShuffleVAE
 
     assert isinstance(pipe, WanPipeline)
     assert isinstance(pipe.transformer, WanTransformer3DModel) and isinstance(pipe.vae, PixelShuffleVAE)

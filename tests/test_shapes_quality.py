@@ -10,7 +10,7 @@ planning bug that costs quality fails this test.
 import pytest
 
 from vidsparse.eval.regression import density_methods, method_psnrs
-from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
+from vidsparse.pipelines.offline.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
 
 #: Denoising steps of each regression render.
 STEPS = 3

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from vidsparse.pipelines import train_tiny as T
+from vidsparse.pipelines.training import train_tiny as T
 
 TINY_RUN = T.TrainConfig(phases=(T.Phase(2, 1, 2), T.Phase(1, 3, 1)), height=16, width=16, checkpoint_every_s=0.0)
 
@@ -72,7 +72,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_export_loads_with_from_pretrained(tmp_path):
-    from vidsparse.pipelines.shapes import load_shapes_pipeline
+    from vidsparse.pipelines.offline.shapes import load_shapes_pipeline
 
     T.train(tmp_path / "run", T.TrainConfig(phases=(T.Phase(1, 1, 1),), height=16, width=16))
     T.export(tmp_path / "run", tmp_path / "model")

@@ -28,7 +28,7 @@ import torch
 
 import vidsparse
 from vidsparse.methods import get_method
-from vidsparse.pipelines import tiny
+from vidsparse.pipelines.offline import tiny
 from vidsparse.pipelines.support import generate, tiny_method_config
 
 BACKEND = os.environ.get("VIDSPARSE_TEST_TRAIN_BACKEND", "reference")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vidsparse
-from vidsparse.pipelines import tiny
+from vidsparse.pipelines.offline import tiny
 from vidsparse.pipelines.wan import WanSparseAttnProcessor
 
 # 17 frames x 128 x 192 px -> latent 5 x 16 x 24 -> 5 x 8 x 12 = 480 tokens: 8 blocks of 64, the last one partial.

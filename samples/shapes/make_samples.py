@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from vidsparse.eval.frame_grid import frame_grid
     from vidsparse.eval.locality import attention_locality
     from vidsparse.eval.prompt_following import FOLLOWING, prompt_following
-    from vidsparse.eval.video_io import write_video
-    from vidsparse.pipelines.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
+    from vidsparse.pipelines.offline.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
+    from vidsparse.video_io import write_video
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped shapes model)")

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate, write the file, print what each head got."""
     from vidsparse.methods.cached import CachedConfig
     from vidsparse.methods.cached_patterns import PATTERN_TYPES, PatternRecorder
-    from vidsparse.pipelines.tiny import defaults_for
+    from vidsparse.pipelines.offline.tiny import defaults_for
 
     # Everything that can be refused is refused before the (slow) model load and generations.
     out = Path(args.out)

@@ -85,7 +85,7 @@ def add_geometry_args(parser: argparse.ArgumentParser, *, what: str = "the clip"
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model --device --dtype --seed``."""
-    from vidsparse.pipelines.tiny import default_model_name
+    from vidsparse.pipelines.offline.tiny import default_model_name
 
     parser.add_argument(
         "--model",

@@ -62,7 +62,7 @@ def format_table(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Read both files, compare them and print the table or JSON; returns the exit status."""
     from vidsparse.eval.metrics import check_same_shape, compare_frames, json_ready
-    from vidsparse.eval.video_io import read_frames
+    from vidsparse.video_io import read_frames
 
     a, b = read_frames(args.a), read_frames(args.b)
     names = (repr(args.a), repr(args.b))

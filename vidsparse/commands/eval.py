@@ -162,7 +162,7 @@ def lora_identity(path: str | None) -> tuple[str | None, str | None]:
     """``--lora``: (absolute folder, SHA-256 prefix of its weights file), or ``(None, None)`` without one."""
     import hashlib
 
-    from vidsparse.pipelines.finetune import LORA_WEIGHT_NAME, check_lora_folder
+    from vidsparse.pipelines.training.finetune import LORA_WEIGHT_NAME, check_lora_folder
 
     if path is None:
         return None, None
@@ -190,7 +190,7 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> None:
             f"--out {str(out)!r} is not empty. Pass --resume to continue that sweep (finished runs are kept and not "
             "redone) or --force to delete its previous results; or choose another --out."
         )
-    from vidsparse.eval.video_io import check_writable_folder
+    from vidsparse.video_io import check_writable_folder
 
     check_writable_folder(out, "--out", create=False)  # a parent that is a file, a read-only folder: one line
 
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     from vidsparse.eval.report import build_report, summary_markdown
     from vidsparse.eval.results import load_run
     from vidsparse.eval.specs import expand_methods
-    from vidsparse.pipelines.tiny import default_model_name, defaults_for
+    from vidsparse.pipelines.offline.tiny import default_model_name, defaults_for
 
     # Everything that can be wrong with the arguments fails here, before the model loads.
     method_specs = args.methods or default_methods()
@@ -398,7 +398,7 @@ def run_arms(args: argparse.Namespace) -> int:
 
     from vidsparse.eval.arms import check_arms, compare_arms, parse_arm, side_by_side
     from vidsparse.eval.results import write_json_atomic
-    from vidsparse.eval.video_io import check_writable_folder
+    from vidsparse.video_io import check_writable_folder
 
     arms = [parse_arm(text) for text in args.arm]
     check_arms(arms, args.reference)  # before any pipeline loads

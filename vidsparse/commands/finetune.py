@@ -68,8 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every flag, load the model, train (or resume); print a JSON summary."""
-    from vidsparse.pipelines import finetune as F
-    from vidsparse.pipelines.tiny import default_model_name, defaults_for
+    from vidsparse.pipelines.offline.tiny import default_model_name, defaults_for
+    from vidsparse.pipelines.training import finetune as F
 
     # Everything that can be wrong with the flags fails here, before the model loads.
     for flag in ("dense_steps", "dense_last_steps"):

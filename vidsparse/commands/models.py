@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def listing() -> dict[str, Any]:
     """Families (with their tiny pipelines), tiny pipelines and methods, JSON-friendly."""
     from vidsparse.methods import get_method, method_names
+    from vidsparse.pipelines.offline.tiny import TINY_PIPELINES
     from vidsparse.pipelines.registry import ADAPTERS
-    from vidsparse.pipelines.tiny import TINY_PIPELINES
 
     families = []
     for adapter in ADAPTERS:
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from vidsparse.methods import get_method
+    from vidsparse.pipelines.offline.tiny import get_spec
     from vidsparse.pipelines.support import matrix_markdown, support_matrix
-    from vidsparse.pipelines.tiny import get_spec
 
     for name in args.tiny or []:
         get_spec(name)  # unknown names: one clear error before any work

@@ -11,9 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
-from vidsparse.eval.video_io import check_video_path, write_video
 from vidsparse.integration import apply
 from vidsparse.pipelines.loading import load_pipeline
+from vidsparse.video_io import check_video_path, write_video
 
 from .common import (
     add_geometry_args,
@@ -62,9 +62,9 @@ def check_frames(pipe, frames: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render and write the clip; print time, steps and the measured density."""
-    from vidsparse.pipelines.finetune import check_lora_folder
+    from vidsparse.pipelines.offline.tiny import defaults_for
     from vidsparse.pipelines.support import generation_kwargs
-    from vidsparse.pipelines.tiny import defaults_for
+    from vidsparse.pipelines.training.finetune import check_lora_folder
 
     config = method_config(args)  # validate options before the (slow) model load
     # The output paths too: a bad one found after the generation would cost the whole generation.

@@ -17,7 +17,7 @@ import json
 
 def _phases(text: str):
     """Parse ``"2400x5x4,400x15x2"`` (steps x frames x batch, comma-separated) into phases."""
-    from vidsparse.pipelines.train_tiny import Phase
+    from vidsparse.pipelines.training.train_tiny import Phase
 
     phases = []
     for part in text.split(","):
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from vidsparse.pipelines import train_tiny
+    from vidsparse.pipelines.training import train_tiny
 
     new_run_options = {
         "lr": args.lr,

@@ -1,18 +1,20 @@
 """The project's own trained text-to-video model, "shapes", shipped inside the package.
 
-A small ``WanTransformer3DModel`` trained on procedural clips of coloured shapes (:mod:`vidsparse.eval.procedural`)
-by :mod:`vidsparse.pipelines.train_tiny`, on a CPU. Unlike the random-weight tiny pipelines its attention has the
-structure of a real video model (local in space and time), so sparse-vs-dense quality numbers on it mean something.
+A small ``WanTransformer3DModel`` trained on procedural clips of coloured shapes
+(:mod:`vidsparse.pipelines.offline.procedural`) by :mod:`vidsparse.pipelines.training.train_tiny`, on a CPU. Unlike
+the random-weight tiny pipelines its attention has the structure of a real video model (local in space and time), so
+sparse-vs-dense quality numbers on it mean something.
 
-The weights live in ``pipelines/assets/shapes/`` as a complete diffusers pipeline folder (model_index.json,
+The weights live in ``pipelines/offline/assets/shapes/`` as a complete diffusers pipeline folder (model_index.json,
 transformer/, vae/, scheduler/, text_encoder/, tokenizer/; safetensors). The VAE is the parameter-free
-:class:`~vidsparse.pipelines.pixel_vae.PixelShuffleVAE` (config only); the text encoder and tokenizer are saved too
+:class:`~vidsparse.pipelines.offline.pixel_vae.PixelShuffleVAE` (config only); the text encoder and tokenizer are saved
+too
 (a few hundred kB), so the model does not depend on how a library version initialises random weights. The
 transformer is a stock ``WanTransformer3DModel`` whose patch embedding also adds fixed absolute position features
-(:mod:`~vidsparse.pipelines.positions`, marked by ``absolute_positions.json`` in the folder):
+(:mod:`~vidsparse.pipelines.offline.positions`, marked by ``absolute_positions.json`` in the folder):
 :func:`load_shapes_pipeline` adds them after ``from_pretrained``, so load the model with it.
 
-    from vidsparse.pipelines.shapes import load_shapes_pipeline, DEFAULT_GEOMETRY
+    from vidsparse.pipelines.offline.shapes import load_shapes_pipeline, DEFAULT_GEOMETRY
     pipe = load_shapes_pipeline()
     video = pipe("a red circle moves right over a plain gray background", **DEFAULT_GEOMETRY).frames[0]
 """
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-#: Folder name of the shipped model under ``vidsparse/pipelines/assets``.
+#: Folder name of the shipped model under ``vidsparse/pipelines/offline/assets``.
 MODEL_NAME = "shapes"
 
 #: Default render settings: 31 frames of 64×64 → 16 latent frames × 16 × 16 tokens = 4096 tokens per

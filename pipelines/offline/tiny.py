@@ -1,12 +1,12 @@
 """Tiny offline pipelines of the real diffusers classes: the trained "shapes" model, and random-weight ones.
 
 "shapes" (the default) loads the project's own trained weights from the package files
-(:mod:`vidsparse.pipelines.shapes`). The others are built from configs with deterministic weights. No file is
-downloaded: text encoders and tokenizers are built in memory (:mod:`vidsparse.pipelines.text`), every
+(:mod:`vidsparse.pipelines.offline.shapes`). The others are built from configs with deterministic weights. No file is
+downloaded: text encoders and tokenizers are built in memory (:mod:`vidsparse.pipelines.offline.text`), every
 other component from a config. Their weights are random (from a fixed seed), so the clips are noise-like: these
 pipelines exercise the integration (hooks, processors, step counting, masks) exactly as a real checkpoint would.
 
-    pipe = vidsparse.pipelines.tiny.build("wan")
+    pipe = vidsparse.pipelines.offline.tiny.build("wan")
     video = pipe("a red circle moves left", num_frames=9, height=64, width=64, num_inference_steps=4).frames[0]
 
 One per model family (``tiny_names()``): ``wan``, ``wan2.2`` (two experts), ``wan_i2v``, ``skyreels_v2``,
@@ -519,7 +519,7 @@ def _spec(name: str, builder, family: str, description: str, **kw: Any) -> TinyS
 TINY_PIPELINES: dict[str, TinySpec] = {
     spec.name: spec
     for spec in [
-        # The project's trained model (weights shipped in pipelines/assets/shapes): the default of render and eval.
+        # The project's trained model (weights in pipelines/offline/assets/shapes): the default of render and eval.
         TinySpec(
             "shapes",
             build_shapes,

@@ -2,13 +2,15 @@
 
 What is trained: peft LoRA adapters on the attention projections (diffusers' convention: ``target_modules``
 ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, rank and alpha), with the base weights frozen, by the rectified-flow
-loss the shipped ``tiny-shapes`` model was trained with (:func:`~vidsparse.pipelines.train_tiny.flow_matching_loss`:
+loss the shipped ``tiny-shapes`` model was trained with
+(:func:`~vidsparse.pipelines.training.train_tiny.flow_matching_loss`:
 velocity MSE; x0 or velocity prediction as the pipeline's scheduler says). ``vidsparse.apply(transformer, method)``
 puts the sparse processors on the transformer in train mode, so the adapters learn under the sparse mask they will be
 used with (Radial Attention's LoRA length extension, VMoBA's sparse fine-tuning).
 
-Data: the procedural clips of :mod:`vidsparse.eval.procedural` with the shipped model's training settings
-(:func:`~vidsparse.pipelines.train_tiny.procedural_videos`; clip ``i`` of step ``s`` seeded by ``(seed, s, i)``),
+Data: the procedural clips of :mod:`vidsparse.pipelines.offline.procedural` with the shipped model's training settings
+(:func:`~vidsparse.pipelines.training.train_tiny.procedural_videos`; clip ``i`` of step ``s`` seeded by
+``(seed, s, i)``),
 or a folder of the user's clips (:class:`ClipFolder`: ``NAME.mp4`` / ``.webm`` / ``.mov`` / ``.mkv`` / ``.avi`` /
 ``.gif`` / ``.npy`` next to ``NAME.txt``, its caption).
 
@@ -81,7 +83,7 @@ class FinetuneConfig:
         data: A folder of clips and captions (:class:`ClipFolder`), or ``None`` for procedural clips.
         caption_dropout: Fraction of captions replaced by ``""`` (keeps classifier-free guidance working).
         pure_noise_fraction: Fraction of samples trained at σ = 1 (the shipped model was trained with 0.3: see
-            :class:`~vidsparse.pipelines.train_tiny.TrainConfig`).
+            :class:`~vidsparse.pipelines.training.train_tiny.TrainConfig`).
         weight_decay: AdamW weight decay of the adapters.
         dtype: Torch dtype name of the frozen base model (adapters are trained in float32).
         checkpoint_every_s: Seconds between checkpoints (one is always written at the end).
@@ -232,7 +234,7 @@ class ClipFolder:
     """
 
     def __init__(self, folder: str | os.PathLike, frames: int) -> None:
-        from vidsparse.eval.video_io import read_frames
+        from vidsparse.video_io import read_frames
 
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -276,7 +278,7 @@ class ClipFolder:
         self, seed: int, step: int, batch: int, height: int, width: int, caption_dropout: float
     ) -> tuple[torch.Tensor, list[str]]:
         """Clips of step ``step``: pixels ``[B, 3, frames, height, width]`` in [-1, 1] and their captions."""
-        from vidsparse.eval.video_io import read_frames
+        from vidsparse.video_io import read_frames
 
         videos, captions = [], []
         for i in range(batch):
@@ -304,7 +306,7 @@ def check_trainable(pipe: Any) -> None:
 
     The loss calls the transformer as ``WanTransformer3DModel`` (latents, timestep, text context) and the text is
     encoded by ``WanPipeline.encode_prompt`` with its zero padding (collapsed in training, see
-    :class:`~vidsparse.pipelines.train_tiny._CompactPaddingCrossAttention`).
+    :class:`~vidsparse.pipelines.training.train_tiny._CompactPaddingCrossAttention`).
     """
     from diffusers import WanPipeline, WanTransformer3DModel
 
@@ -346,7 +348,7 @@ def check_geometry(pipe: Any, config: FinetuneConfig) -> None:
 
 def prediction_of(pipe: Any) -> str:
     """``"x0"`` when the pipeline's scheduler integrates x0 predictions (the shapes model), else ``"velocity"``."""
-    from .flow_x0 import FlowMatchEulerX0Scheduler
+    from ..offline.flow_x0 import FlowMatchEulerX0Scheduler
 
     return "x0" if isinstance(pipe.scheduler, FlowMatchEulerX0Scheduler) else "velocity"
 

@@ -2,12 +2,13 @@
 
 What is trained: a small ``WanTransformer3DModel`` with rectified-flow matching (``x_t = (1 - σ) x0 + σ ε``, target
 ``ε - x0``: exactly what ``WanPipeline`` with ``FlowMatchEulerDiscreteScheduler`` integrates). Everything else is
-fixed: the "VAE" is the parameter-free :class:`~vidsparse.pipelines.pixel_vae.PixelShuffleVAE`, and the text
+fixed: the "VAE" is the parameter-free :class:`~vidsparse.pipelines.offline.pixel_vae.PixelShuffleVAE`, and the text
 encoder is a small ``UMT5EncoderModel`` built from a seed and frozen (its random embeddings are distinct per word,
-and :func:`~vidsparse.pipelines.text.attend_to_neighbouring_words` makes its first layer encode word order, so that
+and :func:`~vidsparse.pipelines.offline.text.attend_to_neighbouring_words` makes its first layer encode word order, so
+that
 the transformer can tell the shape's colour from the background's).
 
-The data are drawn on the fly from :mod:`vidsparse.eval.procedural`; clip ``i`` of step ``s`` is seeded by
+The data are drawn on the fly from :mod:`vidsparse.pipelines.offline.procedural`; clip ``i`` of step ``s`` is seeded by
 ``(seed, s, i)``, so a resumed run sees the same data as an uninterrupted one. Training runs in phases of growing
 clip length (short clips are cheap; the last phase trains at the render length so that the temporal positions the
 model sees at render time are not new to it).
@@ -38,12 +39,12 @@ import numpy as np
 import torch
 
 from vidsparse.config import check_choice
-from vidsparse.eval import procedural
+from vidsparse.pipelines.offline import procedural
 
-from .flow_x0 import FlowMatchEulerX0Scheduler
-from .pixel_vae import PixelShuffleVAE
-from .positions import PositionalPatchEmbedding, add_absolute_positions, write_marker
-from .text import attend_to_neighbouring_words, build_umt5_encoder, build_word_tokenizer
+from ..offline.flow_x0 import FlowMatchEulerX0Scheduler
+from ..offline.pixel_vae import PixelShuffleVAE
+from ..offline.positions import PositionalPatchEmbedding, add_absolute_positions, write_marker
+from ..offline.text import attend_to_neighbouring_words, build_umt5_encoder, build_word_tokenizer
 
 #: What the transformer can be trained to output (see :class:`TrainConfig`).
 PREDICTIONS = ("x0", "velocity")
@@ -108,15 +109,17 @@ class TrainConfig:
             minutes, it put the shape at the edge each motion word starts from; the shipped model was trained
             from scratch at 0.3 and moves the shape the prompted way.
         prediction: What the transformer outputs: ``"x0"`` (the clean clip; sampled with
-            :class:`~vidsparse.pipelines.flow_x0.FlowMatchEulerX0Scheduler`) or ``"velocity"`` (``ε - x0``, stock).
+            :class:`~vidsparse.pipelines.offline.flow_x0.FlowMatchEulerX0Scheduler`) or ``"velocity"``
+            (``ε - x0``, stock).
         max_shapes: Shapes per clip (1 to 3).
-        placement: Where shapes start (:data:`~vidsparse.eval.procedural.PLACEMENTS`).
+        placement: Where shapes start (:data:`~vidsparse.pipelines.offline.procedural.PLACEMENTS`).
         init_from: ``None``, or a training run folder whose EMA weights (and text side) start this run: fine-tuning
             a finished run with another curriculum (a finished run cannot be extended past its decay).
         new_text_encoder: With ``init_from``: build a fresh text side (:func:`build_untrained_pipeline`'s) instead
             of copying that run's, to move a model trained on an older text encoder onto the current one.
         absolute_positions: Add fixed absolute position features after the patch embedding
-            (:mod:`~vidsparse.pipelines.positions`; needed for canonical placement, which RoPE alone cannot express).
+            (:mod:`~vidsparse.pipelines.offline.positions`; needed for canonical placement, which RoPE alone cannot
+            express).
         backgrounds: Background kinds drawn uniformly (a repeated kind is drawn more often).
         pan_probability: Chance of a camera pan in a clip.
         seed: Seeds the data, the noise and the initial weights.
@@ -242,10 +245,10 @@ def build_untrained_pipeline(
         seed: Seeds the transformer's initial weights.
         text_dir: A folder with ``tokenizer/`` and ``text_encoder/`` saved by a training run: load them from there
             (a run's text side must never change, and a library update could change how a seed initialises it).
-            ``None`` builds them in memory (:func:`~vidsparse.pipelines.text.build_umt5_encoder`, with
-            :func:`~vidsparse.pipelines.text.attend_to_neighbouring_words` so that word order is encoded).
+            ``None`` builds them in memory (:func:`~vidsparse.pipelines.offline.text.build_umt5_encoder`, with
+            :func:`~vidsparse.pipelines.offline.text.attend_to_neighbouring_words` so that word order is encoded).
         prediction: ``"x0"`` or ``"velocity"``: picks the scheduler that matches the transformer's output.
-        absolute_positions: Add :mod:`~vidsparse.pipelines.positions` features to the patch embedding.
+        absolute_positions: Add :mod:`~vidsparse.pipelines.offline.positions` features to the patch embedding.
 
     Returns:
         ``WanPipeline`` (tokenizer, frozen UMT5 text encoder, :class:`PixelShuffleVAE` normalised to unit variance,
@@ -592,13 +595,13 @@ def export(out_dir: str | os.PathLike, target: str | os.PathLike) -> Path:
 
     The folder holds ``model_index.json``, ``transformer/``, ``vae/`` (config only), ``scheduler/``,
     ``text_encoder/`` and ``tokenizer/``: ``WanPipeline.from_pretrained(target)`` loads it without vidsparse's
-    builders (the VAE class is importable as ``vidsparse.pipelines.pixel_vae``).
+    builders (the VAE class is importable as ``vidsparse.pipelines.offline.pixel_vae``).
     """
     pipe = load_checkpoint_pipeline(out_dir)
     target = Path(target)
     pipe.save_pretrained(target, safe_serialization=True)
     if isinstance(pipe.transformer.patch_embedding, PositionalPatchEmbedding):
-        write_marker(target)  # the loader (vidsparse.pipelines.shapes) re-adds the features
+        write_marker(target)  # the loader (vidsparse.pipelines.offline.shapes) re-adds the features
     # transformers 5 records the tokenizer class as "TokenizersBackend", a name 4.x lacks; both know it as
     # PreTrainedTokenizerFast. Drop the machine-specific loading flags it also writes.
     index_path, tok_path = target / "model_index.json", target / "tokenizer" / "tokenizer_config.json"

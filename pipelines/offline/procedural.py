@@ -1,6 +1,7 @@
 """Procedural video clips with captions: coloured shapes moving over plain, gradient or textured backgrounds.
 
-The training data of the project's small video model (:mod:`vidsparse.pipelines.shapes`) and a source of test clips
+The training data of the project's small video model (:mod:`vidsparse.pipelines.offline.shapes`) and a source of test
+clips
 with known content. Everything is a function of a seed: ``random_clip_spec(seed)`` draws a :class:`ClipSpec`,
 ``caption(spec)`` describes it in words the model's tokenizer knows, and ``render(spec, frames, height, width)``
 draws it at any length and resolution.

@@ -3,7 +3,7 @@
 ``WanPipeline`` only needs a VAE that reports its scale factors and channel count in ``config`` and decodes latents
 back to pixels. Packing ``st`` frames × ``s × s`` pixels × RGB into one latent vector gives exactly that without
 training anything, and it reconstructs the input bit for bit (up to float rounding). The project's small trained
-model (:mod:`vidsparse.pipelines.shapes`) uses it so that the whole training budget goes to the transformer.
+model (:mod:`vidsparse.pipelines.offline.shapes`) uses it so that the whole training budget goes to the transformer.
 
 Frame layout follows Wan's causal VAE: ``F = 1 + st * k`` frames give ``T' = 1 + k`` latent frames. The first frame
 stands alone in latent frame 0 (it is repeated ``st`` times to fill the channels; decoding averages the copies), and
