@@ -10,7 +10,7 @@ its per-row, per-head and head-adaptive rules), and the ratio method error / ora
 target density are added as references (``--no-oracle`` leaves all of that out).
 
     vidsparse eval attention --json out.json          # every registered method x density
-    python -m vidsparse.eval.attention_suite --methods radial:density=0.25 window:window=1 --json out.json
+    vidsparse eval attention --methods radial:density=0.25 window:window=1 --json out.json
 """
 
 from __future__ import annotations
@@ -342,14 +342,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.json}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``python -m vidsparse.eval.attention_suite [--methods ...] [--json PATH]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_suite_args(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,8 +11,8 @@ attention output against dense, and the planning time (a reused step plans in mi
 ``kv_idx`` cut to the longest row; ``bits``: a bit-packed block mask), measured on the tensors the method keeps, for
 a given geometry (default Wan 2.1 720p, 81 frames: 21x45x80 latent tokens, 40 heads, 40 layers).
 
-    python -m vidsparse.eval.cached_report drift --geometry 9x30x52 --steps 10 --drift 0.05 --json drift.json
-    python -m vidsparse.eval.cached_report memory --geometry 21x45x80 --heads 40 --layers 40
+    vidsparse study cached-report drift --geometry 9x30x52 --steps 10 --drift 0.05 --json drift.json
+    vidsparse study cached-report memory --geometry 21x45x80 --heads 40 --layers 40
 """
 
 from __future__ import annotations
@@ -191,9 +191,9 @@ def _search_rows(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vidsparse.eval.cached_report drift|memory ...``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``vidsparse study cached-report drift|memory ...``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     d = sub.add_parser("drift", help="reused vs fresh patterns over drifting q/k")
     d.add_argument("--geometry", type=_grid, default=(9, 30, 52))
@@ -240,7 +240,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2, default=str)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

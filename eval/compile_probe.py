@@ -11,7 +11,7 @@ compilation records (``torch._dynamo.utils.get_compilation_metrics``); ``fullgra
 compiled latents and statistics are compared with an eager run of the same generations. The README's
 "torch.compile" table is this command's output::
 
-    python -m vidsparse.eval.compile_probe
+    vidsparse study compile-probe
 
 Method specs take options (``radial:dense_steps=1``); ``--executor gather`` runs every method on that executor.
 """
@@ -382,11 +382,11 @@ def format_details(results: Sequence[ProbeResult]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``python -m vidsparse.eval.compile_probe [--methods ...] [--modes ...] [--json F]``."""
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Command-line entry: ``vidsparse study compile-probe [--methods ...] [--modes ...] [--json F]``."""
     from vidsparse.methods import method_names
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--methods", nargs="+", default=[STOCK, *method_names()], help="method specs, and 'stock' (no vidsparse)"
     )
@@ -429,7 +429,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"rows": [r.to_dict() for r in results]}, fh, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,7 +8,7 @@ chunk selection itself needs, minus 1 (0 with the default block-aligned chunks),
 (:func:`vidsparse.eval.attention_suite.oracle_error`, the best top-mass block selection at the row's density and
 token order).
 
-    python -m vidsparse.eval.moba_sweep --geometry 9x30x52 --json moba_sweep.json
+    vidsparse study moba-sweep --geometry 9x30x52 --json moba_sweep.json
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def format_tables(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``python -m vidsparse.eval.moba_sweep [--geometry 9x30x52] [--json PATH]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Command-line entry: ``vidsparse study moba-sweep [--geometry 9x30x52] [--json PATH]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", default="9x30x52", help="latent grid TxHxW")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -118,7 +118,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"geometry": grid, "extra": args.extra, "rows": rows}, fh, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,7 +11,7 @@ same synthetic q/k/v (:mod:`vidsparse.eval.synthetic`):
 - ``sparse_ms``: median attention through ``backend`` with the method's plan;
 - ``plan_over_dense_*`` ratios, and ``plan_over_sparse``.
 
-    python -m vidsparse.eval.plan_cost --methods draft draft:faithful=true --geometry 9x30x52 [--threads N] [--json F]
+    vidsparse study plan-cost --methods draft draft:faithful=true --geometry 9x30x52 [--threads N] [--json F]
 
 Planning is many small tensor operations, attention a few large ones: on an oversubscribed CPU (more runnable
 threads than cores) every multi-threaded small operation waits for descheduled threads, and planning looks far
@@ -149,9 +149,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``python -m vidsparse.eval.plan_cost --methods ... [--geometry TxHxW] [--json F]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Command-line entry: ``vidsparse study plan-cost --methods ... [--geometry TxHxW] [--json F]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", required=True, help="method specs, e.g. draft:density=0.25")
     parser.add_argument("--geometry", nargs="+", default=["9x30x52"], help="latent grids TxHxW")
     parser.add_argument("--heads", type=int, default=4)
@@ -190,7 +190,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows}, fh, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

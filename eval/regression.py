@@ -4,14 +4,13 @@
     pipe = load_shapes_pipeline()
     rows = method_psnrs(pipe, density=0.5, num_inference_steps=3)   # [{"method", "config", "psnr_db", ...}]
 
-``python -m vidsparse.eval.regression`` prints the rows as JSON for the shipped shapes model at its default render
+``vidsparse study regression`` prints the rows as JSON for the shipped shapes model at its default render
 geometry: run it to (re)measure the floors recorded in ``tests/test_shapes_quality.py``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any
 
@@ -93,13 +92,15 @@ def method_psnrs(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Print :func:`method_psnrs` of the shipped shapes model (``--steps N``, default 3) as JSON."""
     import argparse
 
     from vidsparse.pipelines.offline.shapes import DEFAULT_GEOMETRY, load_shapes_pipeline
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of each render")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=1, help="repeat over seeds 0..N-1")
@@ -114,7 +115,3 @@ def main(argv: list[str] | None = None) -> int:
         for row in method_psnrs(pipe, density=args.density, methods=args.methods, seed=seed, **geometry):
             print(json.dumps({"seed": seed, "steps": args.steps, **row}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

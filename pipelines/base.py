@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from vidsparse.config import SparseConfig
-from vidsparse.hooks import LayerCall, SparseRuntime, mark_handled
+from vidsparse.hooks import LayerCall, SparseRuntime, mark_handled, missing_root_hook
 from vidsparse.kernels.dispatch import block_sparse_attention
 from vidsparse.layout import VideoLayout
 from vidsparse.plan import BlockPlan
@@ -358,12 +358,7 @@ class SparseProcessorMixin:
         """The runtime attached to ``attn`` by :func:`vidsparse.apply` / :func:`vidsparse.attach`."""
         runtime = getattr(attn, "_vidsparse_runtime", None)
         if runtime is None:
-            raise RuntimeError(
-                f"This vidsparse processor runs without its root hook on a {type(attn).__name__}. Install it with "
-                "`vidsparse.apply(pipe, method)` (or `vidsparse.attach(pipe)` after `set_attn_processor`), and only "
-                "on the family's sparse modules (`vidsparse models`): e.g. HunyuanVideo's token refiner is not one, "
-                "so pass `set_attn_processor` a dict for transformer_blocks/single_transformer_blocks there."
-            )
+            raise missing_root_hook(attn)
         return runtime
 
     def sync_parallel_config(self, attn: torch.nn.Module) -> Any:

@@ -25,7 +25,8 @@ import vidsparse
 from vidsparse.cli import main
 from vidsparse.integration import transformers_of
 from vidsparse.methods import method_names
-from vidsparse.pipelines import base, hunyuan_video, tiny
+from vidsparse.pipelines import base, hunyuan_video
+from vidsparse.pipelines.offline import tiny
 from vidsparse.pipelines.registry import adapter_for
 from vidsparse.pipelines.support import check_support, generate, tiny_method_config
 from vidsparse.pipelines.wan import WanSparseAttnProcessor

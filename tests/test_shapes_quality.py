@@ -3,7 +3,7 @@
 Every registered method that plans to a target density (``MethodSpec.targets_density``) renders the regression
 prompt at the default render geometry (31 × 64 × 64 = 4096 tokens per attention call) with few steps; its PSNR
 against the dense render of the same seed must stay above the floor recorded here. The floors were measured with
-``python -m vidsparse.eval.regression --steps 3`` and set a small margin below the measured values, so a kernel or
+``vidsparse study regression --steps 3`` and set a small margin below the measured values, so a kernel or
 planning bug that costs quality fails this test.
 """
 
@@ -16,7 +16,7 @@ from vidsparse.pipelines.offline.shapes import DEFAULT_GEOMETRY, load_shapes_pip
 STEPS = 3
 #: PSNR floors (dB) vs dense at density 0.5, STEPS steps, default geometry. Measured values in the comments.
 #: Measured 2026-11-29 on the shipped model (run17 export), CPU float32: moba 34.05, radial 40.83, draft 40.12,
-#: cached 34.99 dB (``python -m vidsparse.eval.regression --steps 3``); floors about 1.3 dB below.
+#: cached 34.99 dB (``vidsparse study regression --steps 3``); floors about 1.3 dB below.
 FLOORS_DB: dict[str, float] = {"moba": 32.7, "radial": 39.5, "draft": 38.8, "cached": 33.7}
 #: Methods registered after the floors were measured get this floor until one is measured for them.
 DEFAULT_FLOOR_DB = 20.0

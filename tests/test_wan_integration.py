@@ -183,7 +183,10 @@ def test_set_attn_processor_with_attach(pipe, stock_latents):
     before = dict(pipe.transformer.attn_processors)
     pipe.transformer.set_attn_processor(proc)  # one shared instance on every module, cross-attention included
     try:
-        with pytest.raises(RuntimeError, match="vidsparse.apply"):
+        # The one message of a processor without its root hook, naming the module and how to install the hook.
+        with pytest.raises(
+            RuntimeError, match=r"without its root hook on a \w*Attention\w*\. Install it with `vidsparse.apply"
+        ):
             run(pipe, steps=1)
         with vidsparse.attach(pipe) as handle:
             out = run(pipe)

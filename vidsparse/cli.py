@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "vidsparse.commands.plan",
     "vidsparse.commands.calibrate",
     "vidsparse.commands.bench",
+    "vidsparse.commands.study",
     "vidsparse.commands.train_tiny",
     "vidsparse.commands.finetune",
     "vidsparse.commands.env",

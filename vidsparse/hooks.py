@@ -414,10 +414,7 @@ class SparseRuntime:
     def call_info(self, attn: torch.nn.Module) -> CallInfo:
         """The info of the call in progress; raises when the root hook is missing."""
         if getattr(attn, "_vidsparse_runtime", None) is not self or self.current is None:
-            raise RuntimeError(
-                "This vidsparse processor runs without its root hook. Install it with "
-                "`vidsparse.apply(pipe, method)` (or `vidsparse.attach(pipe)` after `set_attn_processor`)."
-            )
+            raise missing_root_hook(attn)
         return self.current
 
     @staticmethod
@@ -642,6 +639,16 @@ class VidSparseRootHook(ModelHook):
         """End of a generation (diffusers calls this from ``maybe_free_model_hooks``)."""
         self.runtime.reset()
         return module
+
+
+def missing_root_hook(attn: torch.nn.Module) -> RuntimeError:
+    """The one error of a sparse processor called without the root hook (and runtime) of :func:`vidsparse.apply`."""
+    return RuntimeError(
+        f"This vidsparse processor runs without its root hook on a {type(attn).__name__}. Install it with "
+        "`vidsparse.apply(pipe, method)` (or `vidsparse.attach(pipe)` after `set_attn_processor`), and only "
+        "on the family's sparse modules (`vidsparse models`): e.g. HunyuanVideo's token refiner is not one, "
+        "so pass `set_attn_processor` a dict for transformer_blocks/single_transformer_blocks there."
+    )
 
 
 def install_root_hook(transformer: torch.nn.Module, hook: VidSparseRootHook) -> None:

@@ -90,7 +90,7 @@ Planning cost
 Planning is one gather of q and k into region order, a segment mean, one ``[Vb, D] × [D, Vb]`` matmul per head, a
 softmax and a top-k over ``Vb²`` entries, all vectorised. Measure it against dense attention with::
 
-    python -m vidsparse.eval.plan_cost --methods draft draft:faithful=true --geometry 9x30x52
+    vidsparse study plan-cost --methods draft draft:faithful=true --geometry 9x30x52
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ tuned for it. ``normalize="softmax"`` is the alternative reading of the paper's 
 each chunk receives (Jensen: ``Σ_j exp(q·k_j) ≥ |c| exp(q·k̄)``), so ``tau`` becomes "estimated attention mass
 covered" (sensible values ~0.5–0.95, not 0.25). Ours is ``minmax`` without the code's quirk (the default): on the
 synthetic suite ``softmax`` was no better at equal density (the mean of a large chunk's keys is a weak
-representative, so its softmax is flat), see ``python -m vidsparse.eval.moba_sweep``. Pool ``"query"`` (per query
+representative, so its softmax is flat), see ``vidsparse study moba-sweep``. Pool ``"query"`` (per query
 block, the official FastVideo configs) or ``"head"`` (all (query, chunk) pairs of a head, the paper's
 Global+Threshold). ``faithful=True`` keeps the code's quirk: at least one chunk besides the own chunk is always
 kept, even when the own chunk alone already reaches ``tau`` (with 3 one-D chunks that alone doubles the density).
