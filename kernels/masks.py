@@ -53,16 +53,25 @@ def restrict_to_causal_groups(plan: BlockPlan, causal_groups: torch.Tensor) -> B
     Returns:
         A plan with batch dimension ``max(plan B, groups B)``, same permutation, video range and meta.
     """
-    gmin, gmax = block_min_max(causal_groups, plan.block_size)
-    reachable = gmin[:, None, None, :] <= gmax[:, None, :, None]  # [Bg, 1, Qb, Kb]
-    mask = plan.block_mask() & reachable
-    return BlockPlan.from_block_mask(
-        mask,
-        block_size=plan.block_size,
-        seq_len=plan.seq_len,
-        perm=plan.perm,
-        video_range=plan.video_range,
-        meta=dict(plan.meta),
+    # On the index lists, not through a dense [B, H, Qb, Kb] mask: this runs on every call of a causal model.
+    gmin, gmax = block_min_max(causal_groups, plan.block_size)  # [Bg, Qb]
+    b = max(plan.kv_num.shape[0], gmin.shape[0])
+    _, h, qb = plan.kv_num.shape
+    kmax = plan.kv_idx.shape[-1]
+    kv_idx = plan.kv_idx.expand(b, h, qb, kmax)
+    kv_num = plan.kv_num.expand(b, h, qb)
+    gmin, gmax = gmin.expand(b, qb), gmax.expand(b, qb)
+    batch = torch.arange(b, device=kv_idx.device)[:, None, None, None]
+    reachable = gmin[batch, kv_idx.long()] <= gmax[:, None, :, None]  # [B, H, Qb, Kmax]
+    keep = reachable & (torch.arange(kmax, device=kv_idx.device) < kv_num[..., None])
+    # A stable sort of ~keep moves the kept entries first, still ascending; the rest is padding (valid indices).
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
+    new_idx = kv_idx.gather(-1, order)
+    new_num = keep.sum(-1, dtype=torch.int32)
+    if not torch.compiler.is_compiling() and new_num.numel():
+        new_idx = new_idx[..., : max(int(new_num.max()), 1)]  # Kmax = the longest row (as from_block_mask)
+    return BlockPlan(
+        new_num, new_idx.contiguous(), plan.block_size, plan.seq_len, plan.perm, plan.video_range, dict(plan.meta)
     )
 
 

@@ -33,7 +33,7 @@ def reference_attention(
     """
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    mask = plan.to(q.device).to_dense_mask(original_order=True)
+    mask = plan.to_dense_mask(original_order=True)  # the dispatcher moved the plan to q.device
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :].to(torch.bool)
     if causal_groups is not None:

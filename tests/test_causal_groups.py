@@ -10,7 +10,7 @@ import torch
 from helpers import cpu_executors, qkv, random_plan
 
 from vidsparse.kernels.dispatch import block_sparse_attention
-from vidsparse.kernels.masks import fully_visible_pairs, restrict_to_causal_groups
+from vidsparse.kernels.masks import block_min_max, fully_visible_pairs, restrict_to_causal_groups
 
 # 300 tokens = 4 full blocks of 64 and a partial one; "frames" of 45 tokens in causal blocks of 2 frames (90 tokens):
 # group boundaries fall inside plan blocks, so the per-token mask matters.
@@ -67,6 +67,19 @@ def test_restrict_drops_exactly_the_hidden_block_pairs():
     # when a group boundary crosses the block.
     visible = fully_visible_pairs(plan, None, GROUPS)[0, 0]
     assert not (visible & ~reachable).any() and visible[0, 0] and not visible[1, 1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_restrict_on_index_lists_equals_the_block_mask_and(seed):
+    """Per-head sparse plans, one or two group rows: the same pairs as ANDing the dense block masks, rows trimmed."""
+    plan = random_plan(S, 64, b=1 + seed % 2, h=2, density=0.5, seed=10 + seed)
+    other = (torch.arange(S) // 30 // (1 + seed))[None]
+    groups = torch.cat([GROUPS, other]) if seed % 2 == 0 else GROUPS
+    restricted = restrict_to_causal_groups(plan, groups).validate()
+    gmin, gmax = block_min_max(groups, 64)
+    expected = plan.block_mask() & (gmin[:, None, None, :] <= gmax[:, None, :, None])
+    assert torch.equal(restricted.block_mask(), expected)
+    assert restricted.kv_idx.shape[-1] == int(restricted.kv_num.max())
 
 
 def test_bad_causal_groups_are_named():

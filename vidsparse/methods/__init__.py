@@ -271,6 +271,8 @@ def parse_method_spec(spec: str, *, where: str | None = None) -> SparseConfig:
     return config_from_options(name, options)
 
 
+#: A bounded memo of a pure function, (config, layout, device) -> static plan, shared by every handle in the process:
+#: no handle's state lives here (a static plan depends on nothing else), so two pipelines of one geometry share plans.
 _STATIC_CACHE: OrderedDict[tuple, BlockPlan] = OrderedDict()
 _STATIC_CACHE_SIZE = 32
 
