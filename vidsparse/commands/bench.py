@@ -5,6 +5,7 @@ vidsparse bench attention --methods radial moba:selection=topk --densities 0.25 
 vidsparse bench e2e --json e.json                         # synthetic 4-layer Wan model (2 heads x 64, ffn 512)
 vidsparse bench e2e --config wan2.1-1.3b --layers 2      # a real checkpoint's widths at its published token count
 vidsparse bench scaling --json s.json                     # attention time vs length, 8k..128k tokens, log-log plot
+vidsparse bench flops --json f.json                       # every real checkpoint: FLOP share, bounds, papers' claims
 
 ``attention``: one attention call (B=1, 2 heads x 64 by default) per method and density: dense SDPA time, planning
 time, sparse attention time, speed-up = dense / (plan + sparse), ideal = 1/density, efficiency = speed-up / ideal.
@@ -19,6 +20,12 @@ checkpoint (every width of its published config, ``--layers`` blocks, random wei
 (or ``--geometry``): the measured attention share, one dense and one all-sparse step per method, the fraction of the
 Amdahl bound the sparse step reaches, and the bound over the pipeline's real schedule (e.g. 50 steps) with the
 method's dense warm-up counted, at each of ``--bound-densities``.
+
+``flops``: no timing. Each real checkpoint's transformer runs one forward on the meta device under torch's FLOP
+counter: dense FLOPs per forward, the FLOP share of the video->video attention core (the time share a GPU would show
+if attention ran at its GEMM rate), the FLOP bound of each method (its own warm-up over the 50-step schedule) at
+``--densities``; and every published speed-up in ``vidsparse.eval.flops.PUBLISHED`` next to the FLOP bound at the
+paper's own density and warm-up (and the paper's dense FLOPs next to this count).
 
 ``scaling``: attention time of dense SDPA and each method at 8k..128k tokens (``--tokens``), fewer rounds at the
 long end, the fitted exponent of each curve, each plan's memory, and a log-log plot next to ``--json``.
@@ -52,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=lambda _args: p.print_help() or 2)
-    inner = p.add_subparsers(dest="bench_command", metavar="{attention,e2e,scaling,train}")
+    inner = p.add_subparsers(dest="bench_command", metavar="{attention,e2e,scaling,flops,train}")
 
     a = inner.add_parser("attention", help="one attention call per method x density x geometry")
     _add_common_args(a)
@@ -113,6 +120,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common_args(s)
     _add_scaling_args(s)
     s.set_defaults(func=run_scaling)
+
+    f = inner.add_parser("flops", help="real checkpoints counted in FLOPs: attention share, bounds, papers' claims")
+    f.add_argument("--config", nargs="+", default=None, metavar="NAME", help="checkpoint configs (default: all)")
+    f.add_argument(
+        "--methods",
+        nargs="+",
+        default=["radial", "draft", "moba", "cached"],
+        metavar="SPEC",
+        help="methods whose warm-up the bounds count (default: radial draft moba cached)",
+    )
+    f.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.25, 0.5], help="default: 0.1 0.25 0.5")
+    f.add_argument(
+        "--geometry",
+        default=None,
+        metavar="TxHxW",
+        help="token grid for every config (default: each one's published grid)",
+    )
+    f.add_argument("--no-claims", action="store_true", help="leave out the published speed-ups")
+    f.add_argument("--json", metavar="PATH", help="write the results to this JSON file (atomically)")
+    f.set_defaults(func=run_flops)
 
     t = inner.add_parser("train", help="one LoRA training step of the shipped model, dense vs each method")
     t.add_argument(
@@ -327,6 +354,77 @@ def run_e2e_config(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     return _finish(args, report, runs, e2e_config_table(report))
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    """``vidsparse bench flops``: print the two tables, write ``--json``."""
+    from vidsparse.eval.attention_suite import parse_geometry
+    from vidsparse.eval.flops import claims_report, flops_report
+    from vidsparse.eval.metrics import json_ready
+    from vidsparse.eval.model_shapes import MODEL_SHAPES, get_shape
+    from vidsparse.eval.results import write_json_atomic
+    from vidsparse.methods import parse_method_spec
+
+    names = args.config or list(MODEL_SHAPES)
+    for name in names:
+        get_shape(name)  # unknown names fail before any counting
+    for spec in args.methods:
+        parse_method_spec(spec, where=f"--methods {spec!r}")
+    for density in args.densities:
+        if not 0 < density <= 1:
+            raise ValueError(f"--densities {density!r} is invalid: expected numbers in (0, 1].")
+    grid = parse_geometry(args.geometry) if args.geometry else None
+    report = flops_report(names, methods=args.methods, densities=args.densities, grid=grid, progress=None)
+    report["claims"] = None if args.no_claims else claims_report(progress=None)["rows"]
+    report["command"] = shlex.join(["vidsparse", *sys.argv[1:]])
+    print(flops_table(report))
+    if report["claims"]:
+        print()
+        print(claims_table(report["claims"]))
+    if args.json:
+        write_json_atomic(args.json, json_ready(report))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def flops_table(report: dict[str, Any]) -> str:
+    """Markdown: per config, tokens, dense TFLOP per forward, FLOP share, each method's 50-step bound per density."""
+    methods = report["methods"]
+    densities = [b["density"] for b in report["rows"][0]["bounds"][methods[0]]] if report["rows"] else []
+    at = " / ".join(str(d) for d in densities)
+    head = " | ".join(f"{m} bound @ {at}" for m in methods)
+    lines = [
+        f"| config | tokens | TFLOP / forward | FLOP share | step bound @ {at} | {head} |",
+        "|:--|--:|--:|--:|--:|" + "--:|" * len(methods),
+    ]
+    for row in report["rows"]:
+        step = " / ".join(f"{b['step_bound']:.2f}x" for b in row["bounds"][methods[0]])
+        cells = " | ".join(" / ".join(f"{b['schedule_bound']:.2f}x" for b in row["bounds"][m]) for m in methods)
+        lines.append(
+            f"| {row['config']} | {row['tokens']} | {row['dense_tflops_per_forward']:.0f} | {row['flop_share']:.3f} "
+            f"| {step} | {cells} |"
+        )
+    return "\n".join(lines)
+
+
+def claims_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each published speed-up next to the FLOP bound at the paper's density and warm-up."""
+    lines = [
+        "| method | model, shape | GPU | published | FLOP bound (ours / paper's FLOP ratio) | published / bound "
+        "| dense FLOPs ours / paper's |",
+        "|:--|:--|:--|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        ours = r["our_bound"]["schedule_bound"] if r["our_bound"] else None
+        paper = r["paper_flop_ratio"]
+        bound = " / ".join("–" if x is None else f"{x:.2f}x" for x in (ours, paper))
+        fraction = "–" if r["fraction_of_flop_bound"] is None else f"{r['fraction_of_flop_bound']:.2f}"
+        check = "–" if r["count_vs_paper"] is None else f"{r['count_vs_paper']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['config']}, {r['shape']} ({r['tokens']} tokens) | {r['gpu']} | "
+            f"{r['published_speedup']:.2f}x | {bound} | {fraction} | {check} |"
+        )
+    return "\n".join(lines)
 
 
 def run_scaling(args: argparse.Namespace) -> int:
