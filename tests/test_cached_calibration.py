@@ -137,7 +137,17 @@ def test_recorder_refuses_mixed_geometries_and_inactive_keys():
             rec.record(0, 0, _sharp_mass(other, ("spatial",)), other, block_size=64, tile=None)
     q, k, _ = synthetic_qkv(GRID, heads=1, head_dim=16)
     with pytest.raises(ValueError, match="not an active PatternRecorder"):
-        build_plan(CachedConfig(calibration=rec.key), q, k, GRID, PlanContext())
+        build_plan(CachedConfig(calibration=rec), q, k, GRID, PlanContext())
+
+
+def test_calibration_takes_the_recorder_itself():
+    with pytest.raises(ValueError, match="calibration='recorder-1234' is invalid: expected a PatternRecorder"):
+        CachedConfig(calibration="recorder-1234")
+    with PatternRecorder() as rec:
+        config = CachedConfig(calibration=rec)
+        assert config.to_dict()["calibration"] is rec  # copies of the config share the one live recorder
+        assert config.replace(density=None).calibration is rec
+    assert "inactive" in repr(rec)
 
 
 # ----------------------------------------------------------------------------------------------- the file

@@ -21,6 +21,10 @@ from .methods import ModelInfo, get_method, make_config
 
 #: Pipeline attributes that hold denoising transformers (Wan 2.2 A14B has two experts).
 TRANSFORMER_ATTRIBUTES: tuple[str, ...] = ("transformer", "transformer_2")
+#: What a sparse processor needs to know of the module it runs on, set on each attention module by the handle and
+#: removed with it. It lives on the module because diffusers calls ``processor(attn, ...)`` with the module only and
+#: one processor instance may serve many modules (``set_attn_processor(proc)``); the runtime the tag points to is
+#: the handle's, so no state outlives ``handle.remove()``.
 _TAGS = ("_vidsparse_runtime", "_vidsparse_layer", "_vidsparse_model", "_vidsparse_call")
 
 

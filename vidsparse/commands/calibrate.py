@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     with PatternRecorder(stripe_fractions=() if args.no_stripes else PatternRecorder().stripe_fractions) as recorder:
         config = CachedConfig(
-            calibration=recorder.key, density=None, dense_steps=args.skip_steps, block_size=args.block_size, tile=tile
+            calibration=recorder, density=None, dense_steps=args.skip_steps, block_size=args.block_size, tile=tile
         )
         pipe, model = load_pipeline(args.model, device=device, dtype=dtype, seed=args.seed)
         d = defaults_for(model)

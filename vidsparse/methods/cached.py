@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -53,6 +53,9 @@ from vidsparse.layout import VideoLayout
 from vidsparse.plan import BlockPlan, finalize_plan, num_blocks
 
 from . import MethodSpec, ModelInfo, PlanContext, build_plan
+
+if TYPE_CHECKING:
+    from .cached_patterns import PatternRecorder
 
 #: Storage formats of a searched pattern between steps (see :class:`CachedConfig`).
 STORAGE_FORMATS: tuple[str, ...] = ("indices", "bits")
@@ -91,9 +94,9 @@ class CachedConfig(SparseConfig):
             0.09-0.11 of one and keeps the same blocks up to near-ties (measured in the README).
         patterns: Offline mode: a pattern file written by ``vidsparse calibrate``. ``density``, ``recall``,
             ``head_adaptive``, ``refresh_steps``, ``tile`` and ``storage`` do not apply then.
-        calibration: Used by ``vidsparse calibrate``: key of an active
-            :class:`~vidsparse.methods.cached_patterns.PatternRecorder`. Every call then runs dense and its exact
-            block masses are recorded.
+        calibration: Used by ``vidsparse calibrate``: an active
+            :class:`~vidsparse.methods.cached_patterns.PatternRecorder` (the object). Every call then runs dense and
+            its exact block masses are recorded into it.
     """
 
     method: ClassVar[str] = "cached"
@@ -109,7 +112,7 @@ class CachedConfig(SparseConfig):
     storage: str = "indices"
     search_rows: int | None = 16
     patterns: str | None = None
-    calibration: str | None = None
+    calibration: PatternRecorder | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,6 +131,14 @@ class CachedConfig(SparseConfig):
         check_choice("storage", self.storage, STORAGE_FORMATS)
         if self.search_rows is not None:
             check_int("search_rows", self.search_rows, minimum=1)
+        if self.calibration is not None:
+            from .cached_patterns import PatternRecorder
+
+            if not isinstance(self.calibration, PatternRecorder):
+                raise ValueError(
+                    f"calibration={self.calibration!r} is invalid: expected a PatternRecorder (the object, used by "
+                    "`vidsparse calibrate`; it cannot be given as text)."
+                )
         if isinstance(self.patterns, tuple):
             # The CLI's option syntax reads "a/b/c" as a tuple: a path given as patterns=dir/file is joined back.
             object.__setattr__(self, "patterns", "/".join("" if part is None else str(part) for part in self.patterns))

@@ -37,7 +37,6 @@ import functools
 import json
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,16 +469,12 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> PatternFile:
 
 
 # ---------------------------------------------------------------------------------------------- calibration
-_RECORDERS: dict[str, PatternRecorder] = {}
-
-
-def active_recorder(key: str) -> PatternRecorder:
-    """The :class:`PatternRecorder` registered under ``key`` (``with PatternRecorder() as rec:``)."""
-    recorder = _RECORDERS.get(key)
-    if recorder is None:
+def active_recorder(recorder: Any) -> PatternRecorder:
+    """``recorder`` itself, checked: a :class:`PatternRecorder` inside its ``with`` block."""
+    if not isinstance(recorder, PatternRecorder) or not recorder.active:
         raise ValueError(
-            f"calibration={key!r} is not an active PatternRecorder (use it inside `with "
-            "PatternRecorder() as recorder:` and pass calibration=recorder.key)."
+            f"calibration={recorder!r} is not an active PatternRecorder (use it inside `with "
+            "PatternRecorder() as recorder:` and pass calibration=recorder)."
         )
     return recorder
 
@@ -497,8 +492,10 @@ class _LayerStats:
 class PatternRecorder:
     """Collects, per (model, layer, head), what the classification needs from dense calibration runs.
 
-    Use as a context manager (it registers itself under :attr:`key`) and run the pipeline with
-    ``vidsparse.apply(pipe, "cached", calibration=recorder.key, ...)``; then :meth:`classify`.
+    Use as a context manager (it records while inside its ``with`` block) and run the pipeline with
+    ``vidsparse.apply(pipe, "cached", calibration=recorder, ...)``; then :meth:`classify`. The config holds the
+    recorder itself, so its state belongs to whoever made it (no process-wide registry); copies of the config (its
+    ``to_dict``, ``replace``) share the one recorder.
 
     Args:
         candidates: Geometric candidates ``(type id, param 0, param 1)``.
@@ -510,7 +507,7 @@ class PatternRecorder:
         candidates: tuple[tuple[int, int, int], ...] = DEFAULT_CANDIDATES,
         stripe_fractions: tuple[float, ...] = DEFAULT_STRIPE_FRACTIONS,
     ) -> None:
-        self.key = f"recorder-{uuid.uuid4().hex[:12]}"
+        self.active = False
         self.candidates = torch.tensor(candidates, dtype=torch.int32).reshape(-1, 3)
         self.stripe_fractions = tuple(stripe_fractions)
         self.layout: VideoLayout | None = None
@@ -520,11 +517,18 @@ class PatternRecorder:
         self.stats: dict[tuple[int, int], _LayerStats] = {}
 
     def __enter__(self) -> PatternRecorder:
-        _RECORDERS[self.key] = self
+        self.active = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _RECORDERS.pop(self.key, None)
+        self.active = False
+
+    def __deepcopy__(self, memo: dict) -> PatternRecorder:
+        return self  # a live collector is shared, never copied (dataclasses.asdict deep-copies field values)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "inactive"
+        return f"PatternRecorder({state}, {len(self.stats)} layers recorded)"
 
     def record(
         self,
