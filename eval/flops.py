@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from vidsparse.config import SparseConfig
+from vidsparse.methods import parse_method_spec
+
 from .bench import BOUND_DENSITIES, amdahl_bound, schedule_effective_density
 from .model_shapes import ModelShape, build_model, forward_inputs, get_shape, schedule_timesteps
 
@@ -60,8 +63,8 @@ def _meta_friendly() -> Iterator[None]:
         torch.autocast = real
 
 
-def _count(shape: ModelShape, layers: int | None, grid: tuple[int, int, int]) -> tuple[float, float]:
-    """(total FLOPs, attention-core FLOPs of the sparse self-attention modules) of one forward, batch 1."""
+def _count(shape: ModelShape, layers: int | None, grid: tuple[int, int, int]) -> tuple[float, float, bool]:
+    """One forward, batch 1: (total FLOPs, attention-core FLOPs of the sparse modules, text in their sequence?)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from vidsparse.pipelines.registry import adapter_for
@@ -75,12 +78,13 @@ def _count(shape: ModelShape, layers: int | None, grid: tuple[int, int, int]) ->
             model(**inputs, return_dict=False)
     counts = counter.get_flop_counts()
     root = type(model).__name__
+    adapter = adapter_for(model)
     total = float(sum(counts["Global"].values()))
     core = 0.0
-    for name, *_ in adapter_for(model).attention_modules(model):
+    for name, *_ in adapter.attention_modules(model):
         ops = counts.get(f"{root}.{name}", {})
         core += float(sum(v for op, v in ops.items() if str(op) in CORE_OPS))
-    return total, core
+    return total, core, adapter.text_position != "none"
 
 
 @dataclass(frozen=True)
@@ -112,28 +116,16 @@ def count_flops(shape: ModelShape, grid: tuple[int, int, int] | None = None) -> 
     The full model is built on the meta device (no weights are allocated, so a 14B model costs nothing).
     """
     grid = tuple(grid or shape.grid)
-    total, core = _count(shape, None, grid)
+    total, core, joint = _count(shape, None, grid)
     tokens = grid[0] * grid[1] * grid[2]
-    text = joint_text_tokens(shape)
+    text = shape.text_tokens if joint else 0  # cross-attention families keep text out of the self-attention
     return FlopCount(total, core, core * tokens**2 / (tokens + text) ** 2, tokens, text)
 
 
-def joint_text_tokens(shape: ModelShape) -> int:
-    """Text tokens inside the self-attention sequence: joint-attention families only (cross-attention ones: 0)."""
-    return shape.text_tokens if shape.model_class in JOINT_ATTENTION else 0
-
-
-#: Families whose sparse self-attention runs over [video, text] together.
-JOINT_ATTENTION = ("CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel", "MochiTransformer3DModel")
-
-
 def bounds_for(
-    shape: ModelShape, count: FlopCount, spec: str, densities: Sequence[float], steps: int | None = None
+    shape: ModelShape, count: FlopCount, config: SparseConfig, densities: Sequence[float], steps: int | None = None
 ) -> list[dict[str, float]]:
-    """The FLOP bound of method ``spec`` (its own warm-up) at each density, over the pipeline's schedule."""
-    from vidsparse.methods import parse_method_spec
-
-    config = parse_method_spec(spec, where=f"method {spec!r}")
+    """The FLOP bound of ``config``'s method (with its dense warm-up) at each density, over the pipeline's schedule."""
     steps = steps or shape.steps
     timesteps = schedule_timesteps(steps, shape.shift)
     rows = []
@@ -162,6 +154,7 @@ def flops_report(
 ) -> dict[str, Any]:
     """Per checkpoint config: dense FLOPs of a forward, the FLOP share, the bounds of each method at each density."""
     say = progress or (lambda _line: None)
+    configs = {spec: parse_method_spec(spec, where=f"method {spec!r}") for spec in methods}
     rows = []
     for name in names:
         shape = get_shape(name)
@@ -178,7 +171,7 @@ def flops_report(
             "dense_tflops_per_forward": count.total / 1e12,
             "attention_core_share": count.attention_core / count.total,
             "flop_share": count.share,
-            "bounds": {spec: bounds_for(shape, count, spec, densities) for spec in methods},
+            "bounds": {spec: bounds_for(shape, count, config, densities) for spec, config in configs.items()},
         }
         rows.append(row)
         say(
@@ -337,8 +330,8 @@ def claims_report(results: Sequence[PublishedResult] = PUBLISHED, progress: Any 
         count = count_flops(shape, claim.grid)
         bound = None
         if claim.spec is not None:
-            density = float(claim.spec.split("density=")[1].split(",")[0])
-            bound = bounds_for(shape, count, claim.spec, [density])[0]
+            config = parse_method_spec(claim.spec, where=f"published spec {claim.spec!r}")
+            bound = bounds_for(shape, count, config, [config.density])[0]
         paper_ratio = paper_per_forward = None
         if claim.paper_flops is not None:
             paper_ratio = claim.paper_flops[0] / claim.paper_flops[1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vidsparse.plan import BlockPlan, num_blocks
+from vidsparse.plan import BlockPlan, num_blocks, trim_to_longest_row
 
 __all__ = ["block_min_max", "fully_visible_pairs", "restrict_to_causal_groups"]
 
@@ -66,13 +66,9 @@ def restrict_to_causal_groups(plan: BlockPlan, causal_groups: torch.Tensor) -> B
     keep = reachable & (torch.arange(kmax, device=kv_idx.device) < kv_num[..., None])
     # A stable sort of ~keep moves the kept entries first, still ascending; the rest is padding (valid indices).
     order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
-    new_idx = kv_idx.gather(-1, order)
     new_num = keep.sum(-1, dtype=torch.int32)
-    if not torch.compiler.is_compiling() and new_num.numel():
-        new_idx = new_idx[..., : max(int(new_num.max()), 1)]  # Kmax = the longest row (as from_block_mask)
-    return BlockPlan(
-        new_num, new_idx.contiguous(), plan.block_size, plan.seq_len, plan.perm, plan.video_range, dict(plan.meta)
-    )
+    new_idx = trim_to_longest_row(new_num, kv_idx.gather(-1, order))
+    return BlockPlan(new_num, new_idx, plan.block_size, plan.seq_len, plan.perm, plan.video_range, dict(plan.meta))
 
 
 def fully_visible_pairs(

@@ -175,11 +175,7 @@ class BlockPlan:
         if mask.dim() == 2:
             mask = mask[None, None]
         kv_num, kv_idx = block_mask_to_indices(mask)
-        if not torch.compiler.is_compiling() and kv_num.numel():
-            # Kmax = the longest row, not Kb: a sparse plan's index is then a fraction of Qb * Kb entries (a
-            # full-width one is 224 MB at 75.6k tokens, block 64, 40 heads). Consumers that need fixed shapes pad it
-            # (to_block_mask's full_width). Not while compiling: trimming reads the width on the host (a sync).
-            kv_idx = kv_idx[..., : max(int(kv_num.max()), 1)].contiguous()
+        kv_idx = trim_to_longest_row(kv_num, kv_idx)
         return cls(kv_num, kv_idx, block_size, seq_len, perm, video_range, dict(meta or {}))
 
     @classmethod
@@ -303,6 +299,18 @@ class BlockPlan:
             if not bool(seen.all()):
                 raise ValueError("perm is not a permutation of range(seq_len).")
         return self
+
+
+def trim_to_longest_row(kv_num: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """``kv_idx`` ``[B, H, Qb, K]`` cut to ``Kmax`` = the longest row of ``kv_num`` (at least 1), contiguous.
+
+    A sparse plan's index is then a fraction of ``Qb * Kb`` entries (a full-width one is 224 MB at 75.6k tokens,
+    block 64, 40 heads); consumers that need fixed shapes pad it (``to_block_mask``'s ``full_width``). Not while
+    compiling: trimming reads the width on the host (a sync), so a traced plan keeps its width.
+    """
+    if torch.compiler.is_compiling() or not kv_num.numel():
+        return kv_idx
+    return kv_idx[..., : max(int(kv_num.max()), 1)].contiguous()
 
 
 def block_mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

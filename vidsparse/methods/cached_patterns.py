@@ -469,9 +469,9 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> PatternFile:
 
 
 # ---------------------------------------------------------------------------------------------- calibration
-def active_recorder(recorder: Any) -> PatternRecorder:
-    """``recorder`` itself, checked: a :class:`PatternRecorder` inside its ``with`` block."""
-    if not isinstance(recorder, PatternRecorder) or not recorder.active:
+def active_recorder(recorder: PatternRecorder) -> PatternRecorder:
+    """``recorder`` itself, checked to be inside its ``with`` block (its type is checked by ``CachedConfig``)."""
+    if not recorder.active:
         raise ValueError(
             f"calibration={recorder!r} is not an active PatternRecorder (use it inside `with "
             "PatternRecorder() as recorder:` and pass calibration=recorder)."
